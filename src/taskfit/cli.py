@@ -1,0 +1,107 @@
+"""`taskfit run | validate | models`: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from taskfit.errors import TaskfitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Adapt a language model to your task and measure it honestly.")
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(exc: TaskfitError) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    experiment: Annotated[Path, typer.Argument(help="The experiment YAML file.")],
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="Run only this run (repeatable).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N test examples.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default runs/<name>/).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Override the experiment's seed.")] = None,
+) -> None:
+    """Run every run of EXPERIMENT (or those given with --only) and print a results table."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    import taskfit
+
+    _quiet_libraries()
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=err, transient=True) as progress:
+            results = taskfit.run(experiment, only=only, limit=limit, out=out_dir, seed=seed, progress=progress)
+    except TaskfitError as exc:
+        _fail(exc)
+    out.print(results_table(results))
+    target = out_dir or Path("runs") / taskfit.load_experiment(experiment).config.name
+    out.print(f"Results written to {target}/results.json")
+
+
+@app.command()
+def validate(experiment: Annotated[Path, typer.Argument(help="The experiment YAML file.")]) -> None:
+    """Check the experiment file, its data and every prompt, without loading a model."""
+    from taskfit.experiment import plan
+
+    try:
+        p = plan(experiment)
+    except TaskfitError as exc:
+        _fail(exc)
+    sizes = ", ".join(f"{k}: {len(v)}" for k, v in p.task.splits.items())
+    out.print(f"{experiment}: OK — {p.task.type}, {sizes}; runs: {', '.join(p.runs)}")
+
+
+@app.command()
+def models() -> None:
+    """List model aliases and whether their converted weights are cached."""
+    from taskfit.models.registry import cached_models
+
+    table = Table("alias", "description", "cached weights")
+    for row in cached_models():
+        table.add_row(row["alias"], row["description"], row["cached"])
+    out.print(table)
+    out.print("model.name also takes a local transformers folder, a .gguf file, or a hub id (offline: only if cached).")
+
+
+def results_table(results: dict) -> Table:
+    metrics = list(dict.fromkeys(k for r in results.values() for k in r if k != "n" and not k.endswith("_ci95")))
+    table = Table("run", "n", *metrics)
+    for name, r in results.items():
+        cells = [f"{r[m]:.3f} [{r[m + '_ci95'][0]:.3f}, {r[m + '_ci95'][1]:.3f}]" if m in r else "" for m in metrics]
+        table.add_row(name, str(r.get("n", "")), *cells)
+    return table
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted; finished examples are cached and the same command resumes.")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The schema of the experiment file.
+
+Strict: an unknown key is an error that names the key, its line and the closest valid
+key. Paths in `task.data` are relative to the experiment file. YAML is loaded with
+`yaml.SafeLoader` only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from taskfit.errors import TaskfitError, did_you_mean
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    name: str = DEFAULT_MODEL
+    """Registry alias, local transformers folder, GGUF file, or hub id (cached or reachable)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """`auto`: bfloat16 where the device computes it natively (recent CPUs, GPUs), else float32."""
+    device: str = "auto"
+    """`auto`: a GPU when one is present, else the CPU; or `cpu`, `cuda`, `cuda:1`, ..."""
+    batch_tokens: int = Field(4096, gt=0)
+    """Upper bound on tokens per forward batch when scoring; does not change any score."""
+
+
+class DataConfig(_Strict):
+    train: str | None = None
+    dev: str | None = None
+    test: str
+    """Each a .jsonl .json .csv .tsv or .parquet file, relative to the experiment file."""
+
+
+class TaskConfig(_Strict):
+    type: Literal["classification", "multiple_choice"]
+    data: DataConfig
+    label: str = "label"
+    """Field with the gold answer: a label name (classification); an index into the choices
+    or the option's text (multiple choice)."""
+    labels: list[str] | None = None
+    """Classification label space, in this order; default: sorted labels of the train split."""
+    choices: str | list[str] | None = None
+    """Multiple choice: the field holding the list of options, or a list of fields, one per option."""
+    id: str = "id"
+    """Field with a unique example id; when absent from the data, ids are `<split>-<line>`."""
+
+    @model_validator(mode="after")
+    def _choices_only_for_multiple_choice(self) -> TaskConfig:
+        if self.type == "multiple_choice" and not self.choices:
+            raise ValueError("multiple_choice tasks need `choices`: the field holding the list of options")
+        if self.type != "multiple_choice" and self.choices:
+            raise ValueError("`choices` only applies to multiple_choice tasks")
+        if self.type != "classification" and self.labels:
+            raise ValueError("`labels` only applies to classification tasks (multiple choice uses `choices`)")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("`labels` lists a label twice")
+        return self
+
+
+class PromptConfig(_Strict):
+    template: str
+    """Jinja2 template with exactly one `{{ answer }}` slot; ending with the slot is a prefix
+    prompt, text after it makes a cloze prompt."""
+    answers: dict[str, str | list[str]] | None = None
+    """Classification verbalizer: label -> answer string(s); unlisted labels answer by name."""
+    combine: Literal["logsumexp", "mean"] = "logsumexp"
+    """How a label's several answer strings combine into one score."""
+    shots: int = Field(0, ge=0)
+    demos: Literal["first", "random", "balanced"] = "first"
+    separator: str = "\n\n"
+    normalize: Literal["none", "length"] = "none"
+    """`length`: divide each log-likelihood by the answer's length in characters (lm-eval acc_norm)."""
+    chat: bool = False
+    """Wrap the prompt in the model's chat template as a user turn; score the assistant's reply."""
+
+
+class RunConfig(_Strict):
+    prompt: PromptConfig
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    task: TaskConfig
+    model: ModelConfig = ModelConfig()
+    runs: dict[str, RunConfig] = Field(min_length=1)
+    seed: int = 0
+
+    @field_validator("runs")
+    @classmethod
+    def _run_names_are_folder_names(cls, runs: dict[str, RunConfig]) -> dict[str, RunConfig]:
+        import re
+
+        for name in runs:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
+                raise ValueError(f"run name '{name}' must be letters, digits, '-', '_' or '.' (it names a folder)")
+        return runs
+
+
+class Experiment(BaseModel):
+    """A validated experiment file, with the folder its data paths are relative to."""
+
+    model_config = ConfigDict(frozen=True)
+    config: ExperimentConfig
+    path: Path
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    path = Path(path)
+    if not path.is_file():
+        raise TaskfitError(f"{path}: no such experiment file. Pass the path of your experiment YAML.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+        lines = _key_lines(text)
+    except yaml.YAMLError as exc:
+        raise TaskfitError(f"{path}: this is not valid YAML ({exc}). Fix the syntax at the line shown.") from None
+    if not isinstance(raw, dict):
+        raise TaskfitError(f"{path}: expected a mapping with `name`, `task` and `runs` at the top level.")
+    try:
+        config = ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise TaskfitError(_explain(exc, path, lines)) from None
+    return Experiment(config=config, path=path.resolve())
+
+
+def _explain(exc: ValidationError, path: Path, lines: dict[tuple, int]) -> str:
+    """Turn pydantic's errors into one message per problem, with YAML line numbers."""
+    messages = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        line = _nearest_line(loc, lines)
+        at = f"{path}, line {line}" if line else str(path)
+        if err["type"] == "extra_forbidden":
+            options = _fields_at(loc[:-1])
+            hint = did_you_mean(str(loc[-1]), options) if options else ""
+            valid = f" Valid keys here: {', '.join(sorted(options))}." if options else ""
+            messages.append(f"{at}: unknown key `{where}`.{hint}{valid}")
+        elif err["type"] == "missing":
+            messages.append(f"{at}: `{where}` is required but missing.")
+        else:
+            got = err.get("input")
+            shown = f" (got {got!r})" if got is not None and not isinstance(got, dict | list) else ""
+            messages.append(f"{at}: `{where}`: {err['msg']}{shown}.")
+    return "\n".join(messages)
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names of the schema object found at `loc` (for did-you-mean)."""
+    model: Any = ExperimentConfig
+    for part in loc:
+        if model is ExperimentConfig and part == "runs":
+            model = dict
+            continue
+        if model is dict:
+            model = RunConfig
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Map each key path in the YAML to its 1-based line."""
+    out: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, prefix: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                here = prefix + (key.value,)
+                out[here] = key.start_mark.line + 1
+                walk(value, here)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                out[prefix + (i,)] = item.start_mark.line + 1
+                walk(item, prefix + (i,))
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, ())
+    return out
+
+
+def _nearest_line(loc: tuple, lines: dict[tuple, int]) -> int | None:
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None

@@ -1,0 +1,180 @@
+"""Log-likelihood scoring that computes every shared token once.
+
+A *group* is one context with several continuations (the choices of one example, or the
+answer strings of all labels). Each group becomes one row laid out as a small tree:
+
+    [context tokens][cont 1 tokens][cont 2 tokens]...
+
+with a 4D attention mask in which each continuation sees the context and its own earlier
+tokens, never another continuation, and position ids that restart after the context for
+every continuation. A prefix shared by *all* groups (fixed few-shot demonstrations) is
+run once and reused as a key/value cache. The LM head runs only at the positions whose
+next-token log-probability is needed.
+
+Token semantics follow lm-evaluation-harness: the continuation's score is the sum of
+log p(token | everything before) over its tokens; the final token of a continuation
+is never fed to the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+MIN_SHARED_PREFIX = 16  # below this, a separate cached forward costs more than it saves
+
+
+@dataclass
+class Group:
+    context: list[int]
+    continuations: list[list[int]]
+
+
+@dataclass
+class _Row:
+    group: int
+    tokens: list[int]
+    positions: list[int]
+    owner: list[int]  # -1 for context tokens, else the continuation's index
+    targets: list[tuple[int, int, int]]  # (continuation index, row position of its logits, target token)
+
+
+def shared_prefix_length(groups: list[Group]) -> int:
+    """Longest token prefix common to every context, leaving each at least one own token."""
+    if len(groups) < 2:
+        return 0
+    first = groups[0].context
+    limit = min(len(g.context) for g in groups) - 1
+    n = 0
+    while n < limit and all(g.context[n] == first[n] for g in groups):
+        n += 1
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def build_row(index: int, group: Group, offset: int) -> _Row:
+    """Lay a group out as one tree-shaped row; `offset` is the length of the cached prefix."""
+    ctx = group.context[offset:]
+    tokens, positions, owner = list(ctx), list(range(offset, offset + len(ctx))), [-1] * len(ctx)
+    targets = []
+    for j, cont in enumerate(group.continuations):
+        prev = len(ctx) - 1  # logits for the first continuation token come from the last context token
+        for k, tok in enumerate(cont):
+            targets.append((j, prev, tok))
+            if k < len(cont) - 1:
+                tokens.append(tok)
+                positions.append(offset + len(ctx) + k)
+                owner.append(j)
+                prev = len(tokens) - 1
+    return _Row(index, tokens, positions, owner, targets)
+
+
+def tree_mask(owner: torch.Tensor) -> torch.Tensor:
+    """(T, T) boolean: query q may see key k when k <= q and k is context or in q's continuation."""
+    t = owner.shape[0]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    same = (owner[None, :] == -1) | (owner[None, :] == owner[:, None])
+    return causal & same
+
+
+class TreeScorer:
+    """Scores groups with a causal LM from transformers (body + LM head used separately)."""
+
+    def __init__(self, model, batch_tokens: int = 4096):
+        self.model = model
+        self.body = model.base_model
+        self.head = model.get_output_embeddings()
+        self.batch_tokens = batch_tokens
+        params = inspect.signature(self.body.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @torch.inference_mode()
+    def score(self, groups: list[Group]) -> list[list[tuple[float, bool]]]:
+        """For each group, (summed log-probability, is greedy) per continuation."""
+        offset = shared_prefix_length(groups)
+        prefix_kv = self._prefix_cache(groups[0].context[:offset]) if offset else None
+        rows = [build_row(i, g, offset) for i, g in enumerate(groups)]
+        out: list[list[tuple[float, bool]]] = [[(0.0, True)] * len(g.continuations) for g in groups]
+        for batch in self._batches(rows):
+            self._score_batch(batch, offset, prefix_kv, out)
+        return out
+
+    def _batches(self, rows: list[_Row]):
+        order = sorted(rows, key=lambda r: -len(r.tokens))
+        batch: list[_Row] = []
+        for row in order:
+            if batch and len(batch[0].tokens) * (len(batch) + 1) > self.batch_tokens:
+                yield batch
+                batch = []
+            batch.append(row)
+        if batch:
+            yield batch
+
+    def _prefix_cache(self, prefix: list[int]):
+        ids = torch.tensor([prefix], device=self.device)
+        return self.body(input_ids=ids, use_cache=True).past_key_values
+
+    def _score_batch(self, batch: list[_Row], offset: int, prefix_kv, out) -> None:
+        b, t = len(batch), max(len(r.tokens) for r in batch)
+        ids = torch.zeros(b, t, dtype=torch.long)
+        pos = torch.zeros(b, t, dtype=torch.long)
+        allowed = torch.zeros(b, t, offset + t, dtype=torch.bool)
+        allowed[:, :, :offset] = True
+        for i, row in enumerate(batch):
+            n = len(row.tokens)
+            ids[i, :n] = torch.tensor(row.tokens)
+            pos[i, :n] = torch.tensor(row.positions)
+            allowed[i, :n, offset : offset + n] = tree_mask(torch.tensor(row.owner))
+            allowed[i, n:, offset:].fill_diagonal_(True)  # padding sees itself: no NaN, ignored anyway
+            pos[i, n:] = pos[i, n - 1] if n else offset
+        dtype = self.head.weight.dtype
+        mask = torch.zeros(b, 1, t, offset + t, dtype=dtype)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+        kwargs = {}
+        if prefix_kv is not None:
+            kwargs[self._cache_kw] = _expanded(prefix_kv, b)
+        hidden = self.body(
+            input_ids=ids.to(self.device), position_ids=pos.to(self.device), attention_mask=mask.to(self.device),
+            use_cache=False, **kwargs,
+        ).last_hidden_state  # (B, T, d)
+        self._gather(batch, hidden, out)
+
+    def _gather(self, batch: list[_Row], hidden: torch.Tensor, out) -> None:
+        rows_idx, pos_idx, target, where = [], [], [], []
+        for i, row in enumerate(batch):
+            for j, p, tok in row.targets:
+                rows_idx.append(i)
+                pos_idx.append(p)
+                target.append(tok)
+                where.append((row.group, j))
+        if not target:
+            return
+        h = hidden[torch.tensor(rows_idx), torch.tensor(pos_idx)]  # (N, d): only the needed positions
+        logprobs = self.head(h).float().log_softmax(-1)  # (N, V)
+        tgt = torch.tensor(target, device=logprobs.device)
+        picked = logprobs.gather(1, tgt[:, None])[:, 0].tolist()
+        greedy = (logprobs.argmax(-1) == tgt).tolist()
+        sums: dict[tuple[int, int], list] = {}
+        for key, lp, g in zip(where, picked, greedy):
+            acc = sums.setdefault(key, [0.0, True])
+            acc[0] += lp
+            acc[1] = acc[1] and g
+        for (group, j), (lp, g) in sums.items():
+            out[group][j] = (lp, g)
+
+
+def _expanded(prefix_kv, batch_size: int):
+    """A fresh DynamicCache holding the shared prefix, viewed (not copied) per batch row."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache()
+    for i, layer in enumerate(prefix_kv.layers):
+        keys = layer.keys.expand(batch_size, -1, -1, -1)
+        values = layer.values.expand(batch_size, -1, -1, -1)
+        cache.update(keys, values, i)
+    return cache

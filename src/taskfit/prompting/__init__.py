@@ -1,0 +1,5 @@
+"""Prompts: templates with an answer slot, verbalizers, demonstrations, scoring strategy."""
+
+from taskfit.prompting.template import Template
+
+__all__ = ["Template"]

@@ -1,0 +1,75 @@
+"""The run directory and the per-request cache that makes runs resumable.
+
+    <out>/results.json             all runs' metrics (written atomically, merged with earlier runs)
+    <out>/config.yaml              the resolved experiment config
+    <out>/<run>/predictions.jsonl  one row per test example
+    <out>/<run>/manifest.json      what the run decided and cost
+    <out>/cache/<model>.jsonl      log-likelihood of every scored (context, continuation)
+
+The cache is appended after every chunk of examples, so a killed run loses at most one
+chunk; keys are the request text, so a config change recomputes only what it changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from taskfit.models.base import Request
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def request_key(req: Request) -> str:
+    return hashlib.sha256(f"{req.context}\x00{req.continuation}".encode()).hexdigest()[:32]
+
+
+class ScoreCache:
+    """Log-likelihoods already computed by one model (identity, dtype and device type)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._scores: dict[str, float] = {}
+        if path.is_file():
+            with path.open(encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut short by a kill: recompute it
+                    self._scores[row["k"]] = row["lp"]
+
+    @classmethod
+    def for_model(cls, out: Path, identity: dict[str, Any]) -> ScoreCache:
+        fields = {k: identity.get(k) for k in ("name", "sha256", "hub_id", "dtype")}
+        fields["device"] = str(identity.get("device", "")).split(":")[0]
+        key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+        return cls(out / "cache" / f"{key}.jsonl")
+
+    def get(self, req: Request) -> float | None:
+        return self._scores.get(request_key(req))
+
+    def add(self, scored: dict[Request, float]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            for req, lp in scored.items():
+                key = request_key(req)
+                self._scores[key] = lp
+                f.write(json.dumps({"k": key, "lp": lp}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def merge_results(path: Path, new: dict[str, Any]) -> dict[str, Any]:
+    """Earlier runs' results stay unless this invocation reran them."""
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    return {**{k: v for k, v in old.items() if k not in new}, **new}

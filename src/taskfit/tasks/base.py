@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from taskfit.config import Experiment, TaskConfig
+from taskfit.data import Example, read_records
+from taskfit.data.readers import Record
+from taskfit.errors import TaskfitError, did_you_mean
+from taskfit.tasks import classification, multiple_choice
+
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass(frozen=True)
+class Task:
+    """The user's task: its type, label space (classification) and examples per split."""
+
+    config: TaskConfig
+    splits: dict[str, list[Example]]
+    labels: tuple[str, ...] | None = None
+
+    @property
+    def type(self) -> str:
+        return self.config.type
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return ("accuracy", "macro_f1") if self.type == "classification" else ("accuracy",)
+
+    def split(self, name: str) -> list[Example]:
+        return self.splits.get(name, [])
+
+
+def load_task(experiment: Experiment) -> Task:
+    """Read and check every split of the experiment's task."""
+    cfg = experiment.config.task
+    records = {
+        split: read_records(experiment.root / getattr(cfg.data, split))
+        for split in SPLITS
+        if getattr(cfg.data, split) is not None
+    }
+    labels = None
+    if cfg.type == "classification":
+        labels = classification.label_space(cfg, records)
+        build: Callable[[Record, str], Example] = lambda rec, split: classification.to_example(cfg, labels, rec, split)
+    else:
+        build = lambda rec, split: multiple_choice.to_example(cfg, rec, split)
+    splits = {}
+    for split, rows in records.items():
+        for source, row in rows:
+            require_field(cfg.label, row, source, "task.label")
+        splits[split] = _with_unique_ids([build(rec, split) for rec in rows], experiment.root / getattr(cfg.data, split))
+    return Task(config=cfg, splits=splits, labels=tuple(labels) if labels else None)
+
+
+def require_field(field: str, row: dict[str, Any], source: str, key: str) -> Any:
+    if field not in row:
+        hint = did_you_mean(field, row)
+        raise TaskfitError(
+            f"{source}: this row has no field '{field}' (named by `{key}` in the experiment file).{hint} "
+            f"Fields present: {', '.join(map(str, row))}."
+        )
+    return row[field]
+
+
+def _with_unique_ids(examples: list[Example], path: Path) -> list[Example]:
+    seen: dict[str, str] = {}
+    for ex in examples:
+        if ex.id in seen:
+            raise TaskfitError(f"{path}: duplicate id '{ex.id}' at {seen[ex.id]} and {ex.source}. Ids must be unique within a split.")
+        seen[ex.id] = ex.source
+    return examples
+
+
+def example_id(cfg: TaskConfig, row: dict[str, Any], source: str, split: str) -> str:
+    if cfg.id in row and row[cfg.id] not in (None, ""):
+        return str(row[cfg.id])
+    return f"{split}-{source.rsplit(':', 1)[-1].replace(' ', '')}"
