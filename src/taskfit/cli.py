@@ -14,7 +14,9 @@ from rich.table import Table
 
 from taskfit.errors import TaskfitError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Adapt a language model to your task and measure it honestly.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Adapt a language model to your task and measure it honestly."
+)
 out = Console()
 err = Console(stderr=True)
 
@@ -39,8 +41,14 @@ def run(
 
     _quiet_libraries()
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=err, transient=True) as progress:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+        ) as progress:
             results = taskfit.run(experiment, only=only, limit=limit, out=out_dir, seed=seed, progress=progress)
     except TaskfitError as exc:
         _fail(exc)

@@ -121,12 +121,17 @@ def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
     if not path.is_file():
         raise TaskfitError(f"{path}: no such experiment file. Pass the path of your experiment YAML.")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise TaskfitError(f"{path}: the file is not UTF-8 text. Save it with UTF-8 encoding.") from None
     try:
         raw = yaml.safe_load(text)
         lines = _key_lines(text)
     except yaml.YAMLError as exc:
         raise TaskfitError(f"{path}: this is not valid YAML ({exc}). Fix the syntax at the line shown.") from None
+    except TaskfitError as exc:
+        raise TaskfitError(f"{path}: {exc}") from None
     if not isinstance(raw, dict):
         raise TaskfitError(f"{path}: expected a mapping with `name`, `task` and `runs` at the top level.")
     try:
@@ -172,7 +177,9 @@ def _fields_at(loc: tuple) -> list[str]:
         if field is None:
             return []
         ann = field.annotation
-        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        model = next(
+            (a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None
+        )
         if model is None:
             return []
     return list(getattr(model, "model_fields", {}))
@@ -186,6 +193,12 @@ def _key_lines(text: str) -> dict[tuple, int]:
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 here = prefix + (key.value,)
+                if here in out:  # PyYAML keeps the last one silently: a copied run would vanish
+                    dotted = ".".join(map(str, here))
+                    raise TaskfitError(
+                        f"`{dotted}` appears twice (lines {out[here]} and {key.start_mark.line + 1}); "
+                        "the second would silently replace the first. Rename or remove one."
+                    )
                 out[here] = key.start_mark.line + 1
                 walk(value, here)
         elif isinstance(node, yaml.SequenceNode):

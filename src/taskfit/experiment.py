@@ -48,7 +48,10 @@ def plan(path: str | Path, only: list[str] | None = None, limit: int | None = No
     runs = dict(cfg.runs)
     for name in only or []:
         if name not in runs:
-            raise TaskfitError(f"--only {name}: no run of that name in {experiment.path}.{did_you_mean(name, runs)} Runs: {', '.join(runs)}.")
+            raise TaskfitError(
+                f"--only {name}: no run of that name in {experiment.path}.{did_you_mean(name, runs)} "
+                f"Runs: {', '.join(runs)}."
+            )
     if only:
         runs = {k: v for k, v in runs.items() if k in only}
     if limit is not None and limit < 1:
@@ -82,7 +85,9 @@ def run(
     results = {}
     for name, run_cfg in p.runs.items():
         results[name] = _run_one(p, name, run_cfg, lm, cache, out_dir, progress)
-    atomic_write(out_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+    atomic_write(
+        out_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    )
     merged = {k: v for k, v in merge_results(out_dir / "results.json", results).items() if k in cfg.runs}
     atomic_write(out_dir / "results.json", json.dumps(merged, indent=2))
     return results
@@ -107,7 +112,9 @@ def _run_one(p: Plan, name: str, run_cfg: RunConfig, lm: LM, cache: ScoreCache, 
     metrics = _metrics(p, rows)
     truncated = getattr(lm, "truncated", 0) - truncated_before
     if truncated:
-        log.warning("run %s: %d prompt(s) were longer than the model's context and were cut from the left", name, truncated)
+        log.warning(
+            "run %s: %d prompt(s) were longer than the model's context and were cut from the left", name, truncated
+        )
     manifest = {
         "run": name,
         "seed": p.seed,

@@ -60,13 +60,24 @@ class ScoreCache:
 
     def add(self, scored: dict[Request, float]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        cut_short = _ends_mid_line(self.path)
         with self.path.open("a", encoding="utf-8") as f:
+            if cut_short:  # a kill left half a line: start on a fresh one
+                f.write("\n")
             for req, lp in scored.items():
                 key = request_key(req)
                 self._scores[key] = lp
                 f.write(json.dumps({"k": key, "lp": lp}) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def _ends_mid_line(path: Path) -> bool:
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def merge_results(path: Path, new: dict[str, Any]) -> dict[str, Any]:

@@ -17,12 +17,19 @@ Record = tuple[str, dict[str, Any]]  # ("file:line", fields)
 def read_records(path: Path) -> list[Record]:
     """Read every row of a data file; an empty or malformed file is a `TaskfitError`."""
     if not path.is_file():
-        raise TaskfitError(f"{path}: data file not found. Check the path in `task.data` (relative to the experiment file).")
+        raise TaskfitError(
+            f"{path}: data file not found. Check the path in `task.data` (relative to the experiment file)."
+        )
     suffix = path.suffix.lower()
     readers = {".jsonl": _jsonl, ".json": _json, ".csv": _delimited, ".tsv": _delimited, ".parquet": _parquet}
     if suffix not in readers:
         raise TaskfitError(f"{path}: unsupported file type '{suffix}'. Use one of {', '.join(SUFFIXES)}.")
-    records = readers[suffix](path)
+    try:
+        records = readers[suffix](path)
+    except UnicodeDecodeError as exc:
+        raise TaskfitError(
+            f"{path}: the file is not UTF-8 text (undecodable byte at offset {exc.start}). Save it with UTF-8 encoding."
+        ) from None
     if not records:
         raise TaskfitError(f"{path}: the file has no examples. Add at least one row.")
     return records
@@ -30,35 +37,39 @@ def read_records(path: Path) -> list[Record]:
 
 def _jsonl(path: Path) -> list[Record]:
     records = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise TaskfitError(f"{path}, line {number}: not valid JSON ({exc.msg}). Each line must be one JSON object.") from None
+                raise TaskfitError(
+                    f"{path}, line {number}: not valid JSON ({exc.msg}). Each line must be one JSON object."
+                ) from None
             if not isinstance(row, dict):
-                raise TaskfitError(f"{path}, line {number}: expected a JSON object with named fields, got {type(row).__name__}.")
+                raise TaskfitError(
+                    f"{path}, line {number}: expected a JSON object with named fields, got {type(row).__name__}."
+                )
             records.append((f"{path.name}:{number}", row))
     return records
 
 
 def _json(path: Path) -> list[Record]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise TaskfitError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg}).") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
-        raise TaskfitError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}}).")
+        raise TaskfitError(f'{path}: expected a JSON list of objects (or {{"data": [...]}}).')
     return [(f"{path.name}:item {i}", row) for i, row in enumerate(data)]
 
 
 def _delimited(path: Path) -> list[Record]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: Excel writes a BOM
         reader = csv.DictReader(f, delimiter=delimiter)
         if not reader.fieldnames:
             return []

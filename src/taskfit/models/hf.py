@@ -81,7 +81,8 @@ class HFLM:
     def chat(self, user_message: str) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise TaskfitError(
-                f"prompt.chat: model '{self.identity.get('name')}' has no chat template. Set `chat: false` for this run."
+                f"prompt.chat: model '{self.identity.get('name')}' has no chat template. "
+                "Set `chat: false` for this run."
             )
         messages = [{"role": "user", "content": user_message}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -109,14 +110,14 @@ class HFLM:
         # As lm-evaluation-harness does: trailing spaces of the context move into the
         # continuation; the pair is tokenized as one string and split at the context's length.
         stripped = context.rstrip(" ")
-        continuation = context[len(stripped):] + continuation
+        continuation = context[len(stripped) :] + continuation
         if not stripped:
             prefix = self.tokenizer.bos_token_id
             prefix = self.tokenizer.eos_token_id if prefix is None else prefix
             return [prefix], self._encode(continuation)
         whole = self._encode(stripped + continuation)
         ctx = self._encode(stripped)
-        return ctx, whole[len(ctx):]
+        return ctx, whole[len(ctx) :]
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids

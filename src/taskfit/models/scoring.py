@@ -117,7 +117,8 @@ class TreeScorer:
 
     def _prefix_cache(self, prefix: list[int]):
         ids = torch.tensor([prefix], device=self.device)
-        return self.body(input_ids=ids, use_cache=True).past_key_values
+        output = self.body(input_ids=ids, use_cache=True)
+        return output.cache if self._cache_kw == "cache" else output.past_key_values
 
     def _score_batch(self, batch: list[_Row], offset: int, prefix_kv, out) -> None:
         b, t = len(batch), max(len(r.tokens) for r in batch)
@@ -139,8 +140,11 @@ class TreeScorer:
         if prefix_kv is not None:
             kwargs[self._cache_kw] = _expanded(prefix_kv, b)
         hidden = self.body(
-            input_ids=ids.to(self.device), position_ids=pos.to(self.device), attention_mask=mask.to(self.device),
-            use_cache=False, **kwargs,
+            input_ids=ids.to(self.device),
+            position_ids=pos.to(self.device),
+            attention_mask=mask.to(self.device),
+            use_cache=False,
+            **kwargs,
         ).last_hidden_state  # (B, T, d)
         self._gather(batch, hidden, out)
 

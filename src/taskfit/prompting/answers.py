@@ -13,14 +13,17 @@ def answer_strings(labels: tuple[str, ...], answers: dict[str, str | list[str]] 
     for label in answers:
         if label not in labels:
             raise TaskfitError(
-                f"{where}.answers: '{label}' is not one of the task's labels ({', '.join(labels)}).{did_you_mean(label, labels)}"
+                f"{where}.answers: '{label}' is not one of the task's labels ({', '.join(labels)})."
+                f"{did_you_mean(label, labels)}"
             )
     out = []
     for label in labels:
         strings = answers.get(label, [label])
         strings = [strings] if isinstance(strings, str) else list(strings)
         if not strings or any(s == "" for s in strings):
-            raise TaskfitError(f"{where}.answers: label '{label}' has no usable answer string. Give it one or more non-empty strings.")
+            raise TaskfitError(
+                f"{where}.answers: label '{label}' has no usable answer string. Give it one or more non-empty strings."
+            )
         out.append(strings)
     seen: dict[str, str] = {}
     for label, strings in zip(labels, out):

@@ -9,7 +9,7 @@ from typing import Any
 from taskfit.config import PromptConfig
 from taskfit.data import Example
 from taskfit.errors import TaskfitError
-from taskfit.models.base import LM, Request
+from taskfit.models.base import Request
 from taskfit.prompting.answers import answer_strings, combine
 from taskfit.prompting.demos import select_demos
 from taskfit.prompting.template import Rendered, Template
@@ -39,8 +39,12 @@ class ScorePrompt:
             if cfg.answers:
                 raise TaskfitError(f"{where}.answers: multiple-choice options are their own answers; remove `answers`.")
             self.label_answers = None
-        demos = select_demos(task.split("train"), cfg.shots, cfg.demos, seed, where)
-        self.demo_text = "".join(self.template.render(d).filled(self._strings(d)[d.gold][0]) + cfg.separator for d in demos)
+        demos = select_demos(
+            task.split("train"), cfg.shots, cfg.demos, seed, where, exclude=task.split("test"), id_field=task.config.id
+        )
+        self.demo_text = "".join(
+            self.template.render(d).filled(self._strings(d)[d.gold][0]) + cfg.separator for d in demos
+        )
 
     def _strings(self, example: Example) -> list[list[str]]:
         return self.label_answers if self.label_answers is not None else [[o] for o in example.options]

@@ -49,7 +49,8 @@ class Template:
         except jinja2.UndefinedError as exc:
             fields = ", ".join(map(str, example.fields))
             raise TaskfitError(
-                f"{self.where}: the template uses a variable that example {example.id} ({example.source}) does not have "
+                f"{self.where}: the template uses a variable that example {example.id} ({example.source}) "
+                "does not have "
                 f"({exc.message}). Fields available: {fields}."
             ) from None
         except jinja2.TemplateError as exc:

@@ -42,6 +42,9 @@ def load_task(experiment: Experiment) -> Task:
         for split in SPLITS
         if getattr(cfg.data, split) is not None
     }
+    for rows in records.values():
+        for source, row in rows:
+            require_field(cfg.label, row, source, "task.label")
     labels = None
     if cfg.type == "classification":
         labels = classification.label_space(cfg, records)
@@ -50,9 +53,9 @@ def load_task(experiment: Experiment) -> Task:
         build = lambda rec, split: multiple_choice.to_example(cfg, rec, split)
     splits = {}
     for split, rows in records.items():
-        for source, row in rows:
-            require_field(cfg.label, row, source, "task.label")
-        splits[split] = _with_unique_ids([build(rec, split) for rec in rows], experiment.root / getattr(cfg.data, split))
+        splits[split] = _with_unique_ids(
+            [build(rec, split) for rec in rows], experiment.root / getattr(cfg.data, split)
+        )
     return Task(config=cfg, splits=splits, labels=tuple(labels) if labels else None)
 
 
@@ -70,7 +73,9 @@ def _with_unique_ids(examples: list[Example], path: Path) -> list[Example]:
     seen: dict[str, str] = {}
     for ex in examples:
         if ex.id in seen:
-            raise TaskfitError(f"{path}: duplicate id '{ex.id}' at {seen[ex.id]} and {ex.source}. Ids must be unique within a split.")
+            raise TaskfitError(
+                f"{path}: duplicate id '{ex.id}' at {seen[ex.id]} and {ex.source}. Ids must be unique within a split."
+            )
         seen[ex.id] = ex.source
     return examples
 

