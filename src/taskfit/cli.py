@@ -76,6 +76,8 @@ def models() -> None:
     from taskfit.models.registry import cached_models
 
     table = Table("alias", "description", "cached weights")
+    for column in table.columns:
+        column.overflow = "fold"
     for row in cached_models():
         table.add_row(row["alias"], row["description"], row["cached"])
     out.print(table)
