@@ -85,12 +85,26 @@ def models() -> None:
 
 
 def results_table(results: dict) -> Table:
-    metrics = list(dict.fromkeys(k for r in results.values() for k in r if k != "n" and not k.endswith("_ci95")))
+    """Metric [95% CI] for one seed; mean ± std across seeds otherwise."""
+    metrics = list(dict.fromkeys(k[: -len("_ci95")] for r in results.values() for k in r if k.endswith("_ci95")))
+    metrics += [m for r in results.values() for m in _seed_metrics(r) if m not in metrics]
     table = Table("run", "n", *metrics)
     for name, r in results.items():
-        cells = [f"{r[m]:.3f} [{r[m + '_ci95'][0]:.3f}, {r[m + '_ci95'][1]:.3f}]" if m in r else "" for m in metrics]
-        table.add_row(name, str(r.get("n", "")), *cells)
+        table.add_row(name, str(r.get("n", "")), *[_cell(r, m) for m in metrics])
     return table
+
+
+def _seed_metrics(r: dict) -> list[str]:
+    return [k[: -len("_std")] for k in r if k.endswith("_std")]
+
+
+def _cell(r: dict, m: str) -> str:
+    if f"{m}_std" in r:
+        return f"{r[m]:.3f} ± {r[m + '_std']:.3f} ({len(r['seeds'])} seeds)"
+    if f"{m}_ci95" in r:
+        low, high = r[f"{m}_ci95"]
+        return f"{r[m]:.3f} [{low:.3f}, {high:.3f}]"
+    return ""
 
 
 def _quiet_libraries() -> None:

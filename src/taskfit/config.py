@@ -83,16 +83,62 @@ class PromptConfig(_Strict):
     """Wrap the prompt in the model's chat template as a user turn; score the assistant's reply."""
 
 
+def _model_from_name(value: Any) -> Any:
+    """`model: some-name` is short for `model: {name: some-name}`."""
+    return {"name": value} if isinstance(value, str) else value
+
+
 class RunConfig(_Strict):
     prompt: PromptConfig
+    model: ModelConfig | None = None
+    """This run's own model; it then ignores the experiment's `model`/`models`."""
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _short_model(cls, value: Any) -> Any:
+        return _model_from_name(value)
 
 
 class ExperimentConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     task: TaskConfig
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig | None = None
+    """The model of every run (default: the default model)."""
+    models: list[ModelConfig] | None = Field(None, min_length=1)
+    """Several models: every run runs on each (a grid); instead of `model`."""
     runs: dict[str, RunConfig] = Field(min_length=1)
-    seed: int = 0
+    seed: int | None = None
+    """Seed for demonstration draws and bootstrap intervals (default 0)."""
+    seeds: list[int] | None = Field(None, min_length=1)
+    """Several seeds: every run repeats per seed; instead of `seed`."""
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _short_model(cls, value: Any) -> Any:
+        return _model_from_name(value)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _short_models(cls, value: Any) -> Any:
+        return [_model_from_name(v) for v in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> ExperimentConfig:
+        if self.model is not None and self.models is not None:
+            raise ValueError("give either `model` (one) or `models` (a list), not both")
+        if self.seed is not None and self.seeds is not None:
+            raise ValueError("give either `seed` (one) or `seeds` (a list), not both")
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("`seeds` lists a seed twice")
+        return self
+
+    @property
+    def model_list(self) -> list[ModelConfig]:
+        return self.models or [self.model or ModelConfig()]
+
+    @property
+    def seed_list(self) -> list[int]:
+        return self.seeds or [0 if self.seed is None else self.seed]
 
     @field_validator("runs")
     @classmethod
@@ -159,7 +205,8 @@ def _explain(exc: ValidationError, path: Path, lines: dict[tuple, int]) -> str:
         else:
             got = err.get("input")
             shown = f" (got {got!r})" if got is not None and not isinstance(got, dict | list) else ""
-            messages.append(f"{at}: `{where}`: {err['msg']}{shown}.")
+            field = f"`{where}`: " if loc else ""
+            messages.append(f"{at}: {field}{err['msg'].removeprefix('Value error, ')}{shown}.")
     return "\n".join(messages)
 
 

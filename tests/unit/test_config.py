@@ -24,7 +24,7 @@ def test_valid_file_loads(project):
     assert cfg.task.choices == "choices"
     assert cfg.task.label == "answer"
     assert cfg.task.data.train == "mc_train.jsonl"
-    assert cfg.model.name == DEFAULT_MODEL
+    assert cfg.model_list[0].name == DEFAULT_MODEL
     assert list(cfg.runs) == ["zero"]
     prompt = cfg.runs["zero"].prompt
     assert prompt.template == "Question: {{ question }}\nAnswer: {{ answer }}"

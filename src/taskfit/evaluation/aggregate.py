@@ -1,0 +1,25 @@
+"""One entry of results.json from a cell's metrics at one or several seeds."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+
+def aggregate_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One seed: its metrics and the seed. Several: the mean of each metric, its sample
+    standard deviation, min and max across seeds, and every seed's own metrics."""
+    if len(per_seed) == 1:
+        (seed, metrics), = per_seed.items()
+        return {**metrics, "seed": seed}
+    first = next(iter(per_seed.values()))
+    out: dict[str, Any] = {"n": first["n"], "seeds": sorted(per_seed)}
+    for name, value in first.items():
+        if name == "n" or not isinstance(value, float | int):
+            continue
+        values = [m[name] for m in per_seed.values()]
+        out[name] = statistics.fmean(values)
+        out[f"{name}_std"] = statistics.stdev(values)
+        out[f"{name}_min"], out[f"{name}_max"] = min(values), max(values)
+    out["per_seed"] = {str(s): per_seed[s] for s in sorted(per_seed)}
+    return out
