@@ -71,6 +71,51 @@ def validate(experiment: Annotated[Path, typer.Argument(help="The experiment YAM
 
 
 @app.command()
+def compare(
+    paths: Annotated[list[Path], typer.Argument(help="An experiment folder, or several run folders.")],
+    out_file: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="Where to write comparison.json (default: in the experiment folder)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap and permutation resamples.")] = 0,
+) -> None:
+    """Paired comparisons of runs on the same test items: differences, 95% CIs, adjusted p-values."""
+    import json
+
+    from taskfit.compare import compare_cells
+    from taskfit.rundir import load_cells
+    from taskfit.store import atomic_write
+
+    try:
+        comparison = compare_cells(load_cells(paths), seed=seed)
+    except TaskfitError as exc:
+        _fail(exc)
+    target = out_file or (paths[0] if len(paths) == 1 else Path(".")) / "comparison.json"
+    atomic_write(target, json.dumps(comparison, indent=2))
+    out.print(comparison_table(comparison))
+    out.print(f"Written to {target}")
+
+
+def comparison_table(comparison: dict) -> Table:
+    table = Table("metric", "a", "b", "n", "a − b [95% CI]", "test", "p", "p (Holm)", "detectable")
+    for r in comparison["comparisons"]:
+        low, high = r["ci95"]
+        small = " (too small to tell)" if abs(r["difference"]) < r["mdd"] else ""
+        table.add_row(
+            r["metric"],
+            r["a"],
+            r["b"],
+            str(r["n"]),
+            f"{r['difference']:+.3f} [{low:+.3f}, {high:+.3f}]",
+            r["test"],
+            f"{r['p_value']:.3g}",
+            f"{r['p_adjusted']:.3g}",
+            f"±{r['mdd']:.3f}{small}",
+        )
+    return table
+
+
+@app.command()
 def models() -> None:
     """List model aliases and whether their converted weights are cached."""
     from taskfit.models.registry import cached_models

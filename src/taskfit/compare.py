@@ -1,0 +1,128 @@
+"""Paired comparisons of cells that answered the same test items.
+
+For every pair of cells at the same seed and every metric: the difference with a paired
+bootstrap 95% interval, a paired test (exact McNemar for accuracy, a paired permutation
+test otherwise), Holm–Bonferroni adjustment across all pairs of the metric, and the
+minimum difference the test could detect at this test size (power 0.8, alpha 0.05).
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+
+from taskfit.errors import TaskfitError
+from taskfit.evaluation.metrics import METRICS
+from taskfit.evaluation.statistics import (
+    holm_bonferroni,
+    mcnemar_exact,
+    minimum_detectable_difference,
+    paired_bootstrap,
+    paired_permutation_test,
+)
+from taskfit.rundir import CellResult
+
+
+def compare_cells(cells: list[CellResult], *, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """All pairwise comparisons (see module docstring), as written to comparison.json."""
+    _same_task(cells)
+    names = _unique_names(cells)
+    rows = []
+    for a, b in _pairs(cells):
+        rows.extend(_compare_pair(a, b, names, resamples, seed))
+    for metric in {r["metric"] for r in rows}:
+        family = [r for r in rows if r["metric"] == metric]
+        for row, adjusted in zip(family, holm_bonferroni([r["p_value"] for r in family])):
+            row["p_adjusted"] = adjusted
+    return {"comparisons": rows}
+
+
+def _pairs(cells: list[CellResult]) -> list[tuple[CellResult, CellResult]]:
+    """Pairs at the same seed; cells from single-seed folders pair with everything."""
+    seeds = {c.seed for c in cells}
+    if len(seeds) == 1 or len({c.label for c in cells}) == len(cells):
+        return list(combinations(cells, 2))
+    return [(a, b) for a, b in combinations(cells, 2) if a.seed == b.seed]
+
+
+def _compare_pair(a: CellResult, b: CellResult, names: dict[int, str], resamples: int, seed: int) -> list[dict]:
+    gold, pred_a, pred_b, n_classes = _aligned(a, b, names)
+    out = []
+    for metric in _metrics(a):
+        fn = METRICS[metric]
+        boot = paired_bootstrap(fn, gold, pred_a, pred_b, n_classes, resamples=resamples, seed=seed)
+        correct_a, correct_b = pred_a == gold, pred_b == gold
+        if metric == "accuracy":
+            test, p = "mcnemar_exact", mcnemar_exact(correct_a, correct_b)["p_value"]
+        else:
+            perm = paired_permutation_test(fn, gold, pred_a, pred_b, n_classes, resamples=resamples, seed=seed)
+            test, p = "paired_permutation", perm["p_value"]
+        discordance = max(float(np.mean(correct_a != correct_b)), 1 / len(gold))
+        out.append(
+            {
+                "metric": metric,
+                "a": names[id(a)],
+                "b": names[id(b)],
+                "seed": a.seed,
+                "n": len(gold),
+                "a_value": float(fn(gold, pred_a, n_classes)),
+                "b_value": float(fn(gold, pred_b, n_classes)),
+                "difference": boot["difference"],
+                "ci95": boot["ci95"],
+                "p_value": p,
+                "test": test,
+                "mdd": minimum_detectable_difference(len(gold), discordance=discordance),
+            }
+        )
+    return out
+
+
+def _aligned(a: CellResult, b: CellResult, names: dict[int, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Gold and both predictions as option indices, in one item order."""
+    rows_a = {r["id"]: r for r in a.predictions}
+    rows_b = {r["id"]: r for r in b.predictions}
+    if rows_a.keys() != rows_b.keys():
+        common = len(rows_a.keys() & rows_b.keys())
+        raise TaskfitError(
+            f"'{names[id(a)]}' ({len(rows_a)} test items) and '{names[id(b)]}' ({len(rows_b)}) did not answer the "
+            f"same test items ({common} in common). Paired tests need the same items: run both on the same test "
+            "split with the same --limit."
+        )
+    ids = sorted(rows_a)
+    labels = a.manifest.get("task", {}).get("labels") or []
+    index = {label: i for i, label in enumerate(labels)}
+    as_int = (lambda v: index[v]) if labels else int
+    gold = np.array([as_int(rows_a[i]["label"]) for i in ids])
+    if any(as_int(rows_b[i]["label"]) != g for i, g in zip(ids, gold)):
+        raise TaskfitError(
+            f"'{names[id(a)]}' and '{names[id(b)]}' disagree on gold labels: they used different test data."
+        )
+    pred_a = np.array([as_int(rows_a[i]["prediction"]) for i in ids])
+    pred_b = np.array([as_int(rows_b[i]["prediction"]) for i in ids])
+    n_classes = len(labels) or int(max(len(r["scores"]) for r in a.predictions))
+    return gold, pred_a, pred_b, n_classes
+
+
+def _metrics(cell: CellResult) -> list[str]:
+    return [m for m in METRICS if m in cell.metrics] or ["accuracy"]
+
+
+def _same_task(cells: list[CellResult]) -> None:
+    if len(cells) < 2:
+        raise TaskfitError("compare needs at least two finished runs (cells); found " + str(len(cells)) + ".")
+    types = {c.manifest.get("task", {}).get("type") for c in cells}
+    if len(types) > 1:
+        raise TaskfitError(
+            f"these runs belong to different task types ({', '.join(map(str, types))}); compare runs of one task."
+        )
+
+
+def _unique_names(cells: list[CellResult]) -> dict[int, str]:
+    """The label, plus the seed when several seeds are present, plus the folder when still ambiguous."""
+    several_seeds = len({c.seed for c in cells}) > 1
+    names = {id(c): (c.name if several_seeds else c.label) for c in cells}
+    if len(set(names.values())) < len(cells):
+        names = {id(c): f"{names[id(c)]} ({c.folder})" for c in cells}
+    return names

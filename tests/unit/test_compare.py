@@ -1,0 +1,88 @@
+"""`taskfit compare`: paired comparisons between cells on the same items."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import taskfit
+from taskfit.cli import app
+from taskfit.compare import compare_cells
+from taskfit.errors import TaskfitError
+from taskfit.evaluation.statistics import mcnemar_exact
+from taskfit.rundir import load_cells
+
+RUNS = """
+runs:
+  plain:
+    prompt: {template: "Review: {{ text }}\\nSentiment: {{ answer }}"}
+  cloze:
+    prompt: {template: "{{ text }} It was {{ answer }}.", answers: {positive: great, negative: awful}}
+  shots:
+    prompt: {template: "Review: {{ text }}\\nSentiment: {{ answer }}", shots: 3, demos: balanced}
+"""
+
+
+@pytest.fixture
+def experiment(project, fake_lm):
+    text = (project / "cls.yaml").read_text()
+    (project / "three.yaml").write_text(text[: text.index("runs:")] + RUNS)
+    taskfit.run(project / "three.yaml", out=project / "out", lm=fake_lm())
+    return project / "out"
+
+
+def test_all_pairs_with_holm_adjustment(experiment):
+    result = compare_cells(load_cells([experiment]))
+    rows = result["comparisons"]
+    assert {(r["a"], r["b"]) for r in rows if r["metric"] == "accuracy"} == {
+        ("plain", "cloze"),
+        ("plain", "shots"),
+        ("cloze", "shots"),
+    }
+    assert {r["metric"] for r in rows} == {"accuracy", "macro_f1"}
+    for r in rows:
+        assert r["p_adjusted"] >= r["p_value"]
+        assert r["ci95"][0] <= r["difference"] <= r["ci95"][1] or r["difference"] == 0
+        assert r["difference"] == pytest.approx(r["a_value"] - r["b_value"])
+        assert r["mdd"] > 0
+
+
+def test_accuracy_uses_exact_mcnemar_on_the_items(experiment):
+    cells = {c.label: c for c in load_cells([experiment])}
+    row = next(
+        r
+        for r in compare_cells(list(cells.values()))["comparisons"]
+        if r["metric"] == "accuracy" and (r["a"], r["b"]) == ("plain", "cloze")
+    )
+    by_id = lambda cell: {p["id"]: p["correct"] for p in cell.predictions}  # noqa: E731
+    a, b = by_id(cells["plain"]), by_id(cells["cloze"])
+    ids = sorted(a)
+    assert row["test"] == "mcnemar_exact"
+    assert row["p_value"] == mcnemar_exact([a[i] for i in ids], [b[i] for i in ids])["p_value"]
+
+
+def test_different_test_items_are_refused(project, fake_lm, experiment):
+    taskfit.run(project / "three.yaml", out=project / "fewer", lm=fake_lm(), limit=5, only=["plain"])
+    with pytest.raises(TaskfitError, match="same test items"):
+        compare_cells(load_cells([experiment / "cloze", project / "fewer" / "plain"]))
+
+
+def test_cli_writes_comparison_json_and_exits_2_on_mismatch(project, fake_lm, experiment):
+    runner = CliRunner()
+    ok = runner.invoke(app, ["compare", str(experiment)])
+    assert ok.exit_code == 0, ok.output
+    saved = json.loads((experiment / "comparison.json").read_text())
+    assert len(saved["comparisons"]) == 6
+    taskfit.run(project / "three.yaml", out=project / "fewer", lm=fake_lm(), limit=5, only=["plain"])
+    bad = runner.invoke(app, ["compare", str(experiment / "cloze"), str(project / "fewer" / "plain")])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+def test_seeds_pair_only_cells_of_the_same_seed(project, fake_lm):
+    text = (project / "cls.yaml").read_text()
+    (project / "seeds.yaml").write_text(text[: text.index("runs:")] + "seeds: [0, 1]\n" + RUNS)
+    taskfit.run(project / "seeds.yaml", out=project / "s", lm=fake_lm(), only=["plain", "shots"])
+    rows = [r for r in compare_cells(load_cells([project / "s"]))["comparisons"] if r["metric"] == "accuracy"]
+    assert sorted((r["a"], r["b"]) for r in rows) == [("plain#seed0", "shots#seed0"), ("plain#seed1", "shots#seed1")]
