@@ -10,7 +10,9 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import ProgressColumn
 from rich.table import Table
+from rich.text import Text
 
 from taskfit.errors import TaskfitError
 
@@ -45,6 +47,7 @@ def run(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
+            _ExamplesPerSecond(),
             TimeRemainingColumn(),
             console=err,
             transient=True,
@@ -97,20 +100,28 @@ def compare(
 
 
 def comparison_table(comparison: dict) -> Table:
-    table = Table("metric", "a", "b", "n", "a − b [95% CI]", "test", "p", "p (Holm)", "detectable")
+    table = Table(
+        "a vs b",
+        "metric",
+        "n",
+        "a − b [95% CI]",
+        "p",
+        "p Holm",
+        "MDD",
+        caption="p: exact McNemar (accuracy) or paired permutation test; p Holm: adjusted over all pairs; "
+        "MDD: smallest difference detectable at this test size (power 0.8), * = the difference is below it",
+    )
     for r in comparison["comparisons"]:
         low, high = r["ci95"]
-        small = " (too small to tell)" if abs(r["difference"]) < r["mdd"] else ""
+        small = "*" if abs(r["difference"]) < r["mdd"] else ""
         table.add_row(
+            f"{r['a']} vs {r['b']}",
             r["metric"],
-            r["a"],
-            r["b"],
             str(r["n"]),
             f"{r['difference']:+.3f} [{low:+.3f}, {high:+.3f}]",
-            r["test"],
             f"{r['p_value']:.3g}",
             f"{r['p_adjusted']:.3g}",
-            f"±{r['mdd']:.3f}{small}",
+            f"{r['mdd']:.3f}{small}",
         )
     return table
 
@@ -127,6 +138,13 @@ def models() -> None:
         table.add_row(row["alias"], row["description"], row["cached"])
     out.print(table)
     out.print("model.name also takes a local transformers folder, a .gguf file, or a hub id (offline: only if cached).")
+
+
+class _ExamplesPerSecond(ProgressColumn):
+    """A progress column: examples per second of the cell being scored."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f} ex/s" if task.speed else "… ex/s", style="progress.data.speed")
 
 
 def results_table(results: dict) -> Table:
