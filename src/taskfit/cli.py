@@ -127,6 +127,20 @@ def comparison_table(comparison: dict) -> Table:
 
 
 @app.command()
+def report(
+    experiment_dir: Annotated[Path, typer.Argument(help="An experiment folder written by `taskfit run`.")],
+) -> None:
+    """Write report.html (self-contained) and report.md with tables and plots for an experiment folder."""
+    from taskfit.report import write_report
+
+    try:
+        path = write_report(experiment_dir)
+    except TaskfitError as exc:
+        _fail(exc)
+    out.print(f"Report written to {path} and {path.with_name('report.md')}")
+
+
+@app.command()
 def models() -> None:
     """List model aliases and whether their converted weights are cached."""
     from taskfit.models.registry import cached_models

@@ -41,11 +41,11 @@ class DataConfig(_Strict):
 
 
 class TaskConfig(_Strict):
-    type: Literal["classification", "multiple_choice"]
+    type: Literal["classification", "multiple_choice", "generation"]
     data: DataConfig
     label: str = "label"
     """Field with the gold answer: a label name (classification); an index into the choices
-    or the option's text (multiple choice)."""
+    or the option's text (multiple choice); the target text, or a list of acceptable ones (generation)."""
     labels: list[str] | None = None
     """Classification label space, in this order; default: sorted labels of the train split."""
     choices: str | list[str] | None = None
@@ -67,20 +67,85 @@ class TaskConfig(_Strict):
 
 
 class PromptConfig(_Strict):
-    template: str
+    template: str | None = None
     """Jinja2 template with exactly one `{{ answer }}` slot; ending with the slot is a prefix
     prompt, text after it makes a cloze prompt."""
+    templates: list[str] | None = Field(None, min_length=2)
+    """Several templates, combined as `combine` says; instead of `template`."""
+    combine: Literal["mean_prob", "vote", "select_on_dev", "each"] = "mean_prob"
+    """With `templates`: average the label probabilities, majority vote, pick the best template
+    on the dev split, or run each template separately and report the spread."""
     answers: dict[str, str | list[str]] | None = None
     """Classification verbalizer: label -> answer string(s); unlisted labels answer by name."""
-    combine: Literal["logsumexp", "mean"] = "logsumexp"
+    answer_pooling: Literal["logsumexp", "mean"] = "logsumexp"
     """How a label's several answer strings combine into one score."""
     shots: int = Field(0, ge=0)
-    demos: Literal["first", "random", "balanced"] = "first"
+    demos: Literal["first", "random", "balanced", "similar"] = "first"
+    """`similar`: per test example, the nearest train examples by MiniLM sentence embedding."""
+    order: Literal["fixed", "random"] = "fixed"
+    """`random`: shuffle the chosen demonstrations (seeded)."""
+    demo_sets: int = Field(1, ge=1)
+    """Redraw the demonstrations with this many seeds, each a separate cell; reports the spread."""
     separator: str = "\n\n"
     normalize: Literal["none", "length"] = "none"
     """`length`: divide each log-likelihood by the answer's length in characters (lm-eval acc_norm)."""
     chat: bool = False
     """Wrap the prompt in the model's chat template as a user turn; score the assistant's reply."""
+    calibrate: Literal["none", "contextual"] = "none"
+    """Contextual calibration (Zhao et al. 2021): divide label probabilities by those the prompt
+    gives to content-free inputs."""
+    content_free: list[str] = ["N/A", "", "[MASK]"]
+    chain_of_thought: bool = False
+    """Generate reasoning before the answer: demos show `rationale`; zero-shot uses `trigger`."""
+    rationale: str = "rationale"
+    """Field of the train split with the demonstrations' reasoning."""
+    trigger: str = "Let's think step by step."
+    answer_format: str = "{{ rationale }} So the answer is {{ answer }}."
+    """How a chain-of-thought demonstration fills the answer slot."""
+    extract: str | None = None
+    """Regex applied to generated text; its first group is mapped to a label through `answers`."""
+    samples: int = Field(1, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    vote: Literal["majority", "mean_prob"] = "majority"
+    max_new_tokens: int = Field(128, ge=1)
+    stop: list[str] | None = None
+    """Stop strings for generation (default: the separator for chain of thought, else a newline)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PromptConfig:
+        if (self.template is None) == (self.templates is None):
+            raise ValueError("give exactly one of `template` (one) or `templates` (a list)")
+        if "combine" in self.model_fields_set and self.templates is None:
+            raise ValueError("`combine` applies to `templates`; with one `template` remove it")
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError(
+                f"`samples: {self.samples}` with `temperature: 0` would repeat one greedy answer; set a temperature > 0"
+            )
+        if self.extract is not None:
+            _check_regex(self.extract)
+        return self
+
+    @property
+    def template_list(self) -> list[str]:
+        return self.templates or [self.template]
+
+    @property
+    def generates(self) -> bool:
+        """Whether this prompt generates text (rather than scoring the options)."""
+        return self.chain_of_thought or self.samples > 1 or self.extract is not None
+
+
+def _check_regex(pattern: str) -> None:
+    import re
+
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"`extract` is not a valid regular expression ({exc})") from None
+    if compiled.groups < 1:
+        raise ValueError("`extract` needs a capture group, e.g. 'answer is (yes|no)': its first group is the answer")
 
 
 def _model_from_name(value: Any) -> Any:

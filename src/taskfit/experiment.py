@@ -1,48 +1,28 @@
-"""Orchestration: the grid of runs × models × seeds, each cell scored on the same test
-split, resumable, with results, predictions and a manifest written to the output folder.
+"""Orchestration: the grid of runs × models × seeds (× templates or demonstration sets
+when a run asks for its spread), each cell scored on the same test split, resumable.
 
-A cell's folder is `<run>/` when the experiment has one model and one seed, else
-`<run>/<model>/seed-<seed>/`; every cell's `manifest.json` says which cell it is.
+A cell's folder is `<run>/` when the run has one model, one seed and no variants, else
+`<run>[/t<i>|/d<j>]/<model>/seed-<seed>/`; every cell's `manifest.json` says which cell it is.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from taskfit.cell import Cell, check_cell, run_cell
 from taskfit.config import Experiment, ModelConfig, RunConfig, load_experiment
 from taskfit.errors import TaskfitError, did_you_mean
-from taskfit.evaluation import compute_metrics
-from taskfit.evaluation.aggregate import aggregate_seeds
-from taskfit.manifest import environment, peak_memory_mb
-from taskfit.models.base import LM, Request
-from taskfit.prompting.strategy import Query, ScorePrompt
+from taskfit.evaluation.aggregate import aggregate_seeds, spread
+from taskfit.models.base import LM
+from taskfit.models.cached import CachedLM
 from taskfit.store import ScoreCache, atomic_write, merge_results
 from taskfit.tasks import Task, load_task
-
-log = logging.getLogger(__name__)
-
-CHUNK = 64
-"""Examples scored per model call and per cache append; fixed so resumed runs batch alike."""
-
-
-@dataclass(frozen=True)
-class Cell:
-    run: str
-    model: ModelConfig
-    seed: int
-    folder: str
-    """Relative to the output folder."""
-    label: str
-    """Key in results.json: the run, or `run@model` when the grid has several models."""
 
 
 @dataclass
@@ -76,9 +56,7 @@ def plan(path: str | Path, only: list[str] | None = None, limit: int | None = No
     seeds = [seed] if seed is not None else cfg.seed_list
     p = Plan(experiment, load_task(experiment), runs, grid(cfg.model_list, runs, seeds), limit)
     for cell in p.cells:  # render every prompt once: template and data errors surface now
-        prompt = ScorePrompt(runs[cell.run].prompt, p.task, cell.seed, f"runs.{cell.run}.prompt")
-        for ex in p.test_examples():
-            prompt.query(ex)
+        check_cell(cell, runs[cell.run].prompt, p.task, p.test_examples())
     return p
 
 
@@ -87,14 +65,34 @@ def grid(models: list[ModelConfig], runs: dict[str, RunConfig], seeds: list[int]
     cells = []
     for name, run_cfg in runs.items():
         run_models = [run_cfg.model] if run_cfg.model else models
+        variants = _variants(run_cfg)
         for model in run_models:
             slug = slugs.get(model) or _slugs([model])[model]
             for seed in seeds:
-                simple = len(run_models) == 1 and len(seeds) == 1
-                folder = name if simple else f"{name}/{slug}/seed-{seed}"
-                label = name if len(models) == 1 or run_cfg.model else f"{name}@{slug}"
-                cells.append(Cell(name, model, seed, folder, label))
+                for tag, template, demo_set in variants:
+                    base = f"{name}/{tag}" if tag else name
+                    simple = len(run_models) == 1 and len(seeds) == 1
+                    folder = base if simple else f"{base}/{slug}/seed-{seed}"
+                    label = (f"{name}[{tag}]" if tag else name) + (
+                        "" if len(models) == 1 or run_cfg.model else f"@{slug}"
+                    )
+                    cells.append(Cell(name, model, seed, folder, label, template, demo_set))
     return cells
+
+
+def _variants(run_cfg: RunConfig) -> list[tuple[str, int | None, int | None]]:
+    """(tag, template index, demo set) per variant: templates with `combine: each`, `demo_sets`."""
+    prompt = run_cfg.prompt
+    templates = list(range(len(prompt.templates))) if prompt.templates and prompt.combine == "each" else [None]
+    demo_sets = list(range(prompt.demo_sets)) if prompt.demo_sets > 1 else [None]
+    out = []
+    for t in templates:
+        for d in demo_sets:
+            tag = "-".join(
+                part for part in (f"t{t}" if t is not None else "", f"d{d}" if d is not None else "") if part
+            )
+            out.append((tag, t, d))
+    return out
 
 
 def _slugs(models: list[ModelConfig]) -> dict[ModelConfig, str]:
@@ -127,14 +125,17 @@ def run(
     per_cell: dict[Cell, dict] = {}
     for model, cells in _by_model(p.cells).items():
         model_lm = lm or _load(model)
-        cache = ScoreCache.for_model(out_dir, model_lm.identity)
+        cached = CachedLM(model_lm, ScoreCache.for_model(out_dir, model_lm.identity))
         for cell in cells:
-            per_cell[cell] = _run_cell(p, cell, model_lm, cache, out_dir, progress)
-        del model_lm  # one model in memory at a time
+            prompt = p.runs[cell.run].prompt
+            per_cell[cell] = run_cell(
+                cell, prompt, p.task, p.test_examples(), cached, out_dir, p.experiment.root, progress
+            )
+        del model_lm, cached  # one model in memory at a time
     results = _results(p.cells, per_cell)
     atomic_write(out_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    labels = {c.label for c in grid(cfg.model_list, cfg.runs, cfg.seed_list)} | set(results)
-    merged = {k: v for k, v in merge_results(out_dir / "results.json", results).items() if k in labels}
+    keep = {c.label for c in grid(cfg.model_list, cfg.runs, cfg.seed_list)} | set(cfg.runs) | set(results)
+    merged = {k: v for k, v in merge_results(out_dir / "results.json", results).items() if k in keep}
     atomic_write(out_dir / "results.json", json.dumps(merged, indent=2))
     return results
 
@@ -153,79 +154,18 @@ def _by_model(cells: list[Cell]) -> dict[ModelConfig, list[Cell]]:
 
 
 def _results(cells: list[Cell], per_cell: dict[Cell, dict]) -> dict[str, Any]:
+    """Per label: metrics (aggregated over seeds). Per run with variants: their spread too."""
     by_label: dict[str, dict[int, dict]] = {}
     for cell in cells:
         by_label.setdefault(cell.label, {})[cell.seed] = per_cell[cell]
-    return {label: aggregate_seeds(seeds) for label, seeds in by_label.items()}
-
-
-def _run_cell(p: Plan, cell: Cell, lm: LM, cache: ScoreCache, out_dir: Path, progress) -> dict:
-    start = time.perf_counter()
-    truncated_before = getattr(lm, "truncated", 0)
-    run_cfg = p.runs[cell.run]
-    prompt = ScorePrompt(run_cfg.prompt, p.task, cell.seed, f"runs.{cell.run}.prompt", chat=lm.chat)
-    examples = p.test_examples()
-    rows, computed = [], 0
-    task_id = progress.add_task(cell.folder, total=len(examples)) if progress else None
-    for chunk in _chunks(examples, CHUNK):
-        queries = [prompt.query(ex) for ex in chunk]
-        scores, n = _score(queries, lm, cache)
-        computed += n
-        rows.extend(prompt.predict(q, scores) for q in queries)
-        if progress:
-            progress.advance(task_id, len(chunk))
-    cell_dir = out_dir / cell.folder
-    atomic_write(cell_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    metrics = _metrics(p, rows, cell.seed)
-    truncated = getattr(lm, "truncated", 0) - truncated_before
-    if truncated:
-        log.warning("%s: %d prompt(s) exceeded the model's context and were cut from the left", cell.folder, truncated)
-    manifest = {
-        "run": cell.run,
-        "label": cell.label,
-        "folder": cell.folder,
-        "seed": cell.seed,
-        "model": lm.identity,
-        "task": {"type": p.task.type, "labels": list(p.task.labels or [])},
-        "metrics": metrics,
-        "examples": len(rows),
-        "requests_computed": computed,
-        "truncated_prompts": truncated,
-        "wall_time_s": round(time.perf_counter() - start, 3),
-        "peak_memory_mb": peak_memory_mb(),
-        "trainable_parameters": 0,
-        "config": run_cfg.model_dump(mode="json"),
-        **environment(p.experiment.root),
-    }
-    atomic_write(cell_dir / "manifest.json", json.dumps(manifest, indent=2))
-    return metrics
-
-
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def _score(queries: list[Query], lm: LM, cache: ScoreCache) -> tuple[dict[Request, float], int]:
-    wanted = list(dict.fromkeys(r for q in queries for reqs in q.requests for r in reqs))
-    scores = {r: cache.get(r) for r in wanted}
-    missing = [r for r, lp in scores.items() if lp is None]
-    if missing:
-        fresh = dict(zip(missing, lm.loglikelihood(missing)))
-        cache.add(fresh)
-        scores.update(fresh)
-    return scores, len(missing)
-
-
-def _metrics(p: Plan, rows: list[dict], seed: int) -> dict:
-    task = p.task
-    if task.type == "classification":
-        index = {label: i for i, label in enumerate(task.labels)}
-        gold = [index[r["label"]] for r in rows]
-        pred = [index[r["prediction"]] for r in rows]
-        n_classes = len(task.labels)
-    else:
-        gold = [r["label"] for r in rows]
-        pred = [r["prediction"] for r in rows]
-        n_classes = max(len(ex.options) for ex in p.test_examples())
-    return compute_metrics(task.metrics, gold, pred, n_classes, seed=seed)
+    results = {label: aggregate_seeds(seeds) for label, seeds in by_label.items()}
+    variants: dict[str, list[str]] = {}
+    for cell in cells:
+        if cell.template is not None or cell.demo_set is not None:
+            key = cell.run + cell.label[cell.label.index("]") + 1 :]  # run, plus @model if any
+            variants.setdefault(key, [])
+            if cell.label not in variants[key]:
+                variants[key].append(cell.label)
+    for key, labels in variants.items():
+        results[key] = spread({label: results[label] for label in labels})
+    return results

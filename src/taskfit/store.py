@@ -29,16 +29,22 @@ def atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def request_key(req: Request) -> str:
-    return hashlib.sha256(f"{req.context}\x00{req.continuation}".encode()).hexdigest()[:32]
+def request_key(req: tuple) -> str:
+    """Log-likelihood requests keep their original key (context NUL continuation), so caches
+    written before generation existed stay valid; other requests hash their type and fields."""
+    if isinstance(req, Request):
+        text = f"{req.context}\x00{req.continuation}"
+    else:
+        text = json.dumps([type(req).__name__, *req], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 class ScoreCache:
-    """Log-likelihoods already computed by one model (identity, dtype and device type)."""
+    """Results already computed by one model (identity, dtype and device type)."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._scores: dict[str, float] = {}
+        self._scores: dict[str, Any] = {}
         if path.is_file():
             with path.open(encoding="utf-8") as f:
                 for line in f:
@@ -55,10 +61,11 @@ class ScoreCache:
         key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
         return cls(out / "cache" / f"{key}.jsonl")
 
-    def get(self, req: Request) -> float | None:
+    def get(self, req: tuple) -> Any:
+        """The remembered result (a log-likelihood, or a list of generations), or None."""
         return self._scores.get(request_key(req))
 
-    def add(self, scored: dict[Request, float]) -> None:
+    def add(self, scored: dict[tuple, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         cut_short = _ends_mid_line(self.path)
         with self.path.open("a", encoding="utf-8") as f:

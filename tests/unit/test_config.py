@@ -28,7 +28,7 @@ def test_valid_file_loads(project):
     assert list(cfg.runs) == ["zero"]
     prompt = cfg.runs["zero"].prompt
     assert prompt.template == "Question: {{ question }}\nAnswer: {{ answer }}"
-    assert (prompt.shots, prompt.demos, prompt.normalize, prompt.combine, prompt.chat) == (
+    assert (prompt.shots, prompt.demos, prompt.normalize, prompt.answer_pooling, prompt.chat) == (
         0,
         "first",
         "none",
@@ -52,7 +52,7 @@ def test_full_prompt_options_load(write_yaml):
             prompt:
               template: "{{ text }} => {{ answer }}"
               answers: {positive: [great, good], negative: bad}
-              combine: mean
+              answer_pooling: mean
               shots: 3
               demos: balanced
               separator: "\\n---\\n"
@@ -65,7 +65,7 @@ def test_full_prompt_options_load(write_yaml):
     assert cfg.model.batch_tokens == 512
     p = cfg.runs["few"].prompt
     assert p.answers == {"positive": ["great", "good"], "negative": "bad"}
-    assert (p.combine, p.shots, p.demos, p.separator, p.normalize, p.chat) == (
+    assert (p.answer_pooling, p.shots, p.demos, p.separator, p.normalize, p.chat) == (
         "mean",
         3,
         "balanced",
@@ -138,7 +138,6 @@ def test_unknown_key_far_from_any_valid_key_lists_valid_keys(write_yaml):
     ("old", "new", "field"),
     [
         ("    test: mc_small.jsonl\n", "    train: mc_small.jsonl\n", "task.data.test"),
-        ('      template: "Q: {{ question }} A: {{ answer }}"\n', "", "runs.zero.prompt.template"),
         ("name: exp\n", "", "name"),
     ],
 )
@@ -248,3 +247,26 @@ def test_duplicate_run_name_is_an_error(write_yaml):
 def test_unsafe_yaml_tags_are_rejected(write_yaml):
     path = write_yaml(BASE.replace("name: exp", "name: !!python/object/apply:os.system ['true']"))
     assert "not valid YAML" in error_of(path)
+
+
+def test_prompt_without_template_says_which_keys(write_yaml):
+    message = error_of(write_yaml(BASE.replace('      template: "Q: {{ question }} A: {{ answer }}"\n', "", 1)))
+    assert "`runs.zero.prompt`" in message and "`template` (one) or `templates`" in message
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("      extract: 'answer is yes'\n", "needs a capture group"),
+        ("      extract: 'answer is (yes'\n", "not a valid regular expression"),
+        ("      samples: 8\n", "`temperature: 0`"),
+        ("      combine: vote\n", "`combine` applies to `templates`"),
+    ],
+)
+def test_prompt_option_conflicts(write_yaml, extra, expected):
+    text = BASE.replace(
+        '      template: "Q: {{ question }} A: {{ answer }}"\n',
+        '      template: "Q: {{ question }} A: {{ answer }}"\n' + extra,
+        1,
+    )
+    assert expected in error_of(write_yaml(text))

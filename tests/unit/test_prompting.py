@@ -285,7 +285,7 @@ def test_several_answer_strings_combine(write_yaml, fake_lm, combine_how, expect
         write_yaml,
         CLS_HEAD,
         template='"{{ text }} => {{ answer }}"',
-        combine=combine_how,
+        answer_pooling=combine_how,
         answers="{positive: [great, good], negative: awful}",
     )
     lm = fake_lm(VERBALIZER_SCORES)

@@ -11,6 +11,19 @@ class Request(NamedTuple):
     continuation: str
 
 
+class GenerationRequest(NamedTuple):
+    """Continue `context`; `samples` continuations, each cut before the first `stop` string or at EOS."""
+
+    context: str
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    stop: tuple[str, ...] = ()
+    samples: int = 1
+    seed: int = 0
+
+
 class LM(Protocol):
     identity: dict[str, Any]
     """What the manifest records about the model: name, source, file hash, dtype, device."""
@@ -21,4 +34,10 @@ class LM(Protocol):
 
     def chat(self, user_message: str) -> str:
         """The prompt text that asks the model to reply to `user_message` as a chat assistant."""
+        ...
+
+    def generate(self, requests: list[GenerationRequest]) -> list[list[str]]:
+        """For each request, `samples` generated continuations (text only, without the prompt,
+        cut before the first stop string, which is not included; generation also ends at EOS).
+        The same request and seed give the same texts whatever else is in the list."""
         ...

@@ -12,7 +12,8 @@ import torch
 
 from taskfit.config import ModelConfig
 from taskfit.errors import TaskfitError
-from taskfit.models.base import Request
+from taskfit.models.base import GenerationRequest, Request
+from taskfit.models.generation import Generator
 from taskfit.models.registry import resolve
 from taskfit.models.scoring import Group, TreeScorer
 
@@ -59,6 +60,7 @@ class HFLM:
         self.max_length = _max_length(model, tokenizer)
         self.truncated = 0
         """How many groups had their context cut from the left to fit `max_length`."""
+        self.generator = Generator(model, tokenizer, self.max_length)
 
     @classmethod
     def load(cls, config: ModelConfig) -> HFLM:
@@ -105,6 +107,13 @@ class HFLM:
         index = {key: i for i, key in enumerate(groups)}
         results = self.scorer.score(ordered)
         return [results[index[key]][j] for key, j in where]
+
+    def generate(self, requests: list[GenerationRequest]) -> list[list[str]]:
+        """`samples` continuations per request: the prompt runs once, samples decode together."""
+        before = self.generator.truncated
+        outputs = self.generator.generate(requests)
+        self.truncated += self.generator.truncated - before
+        return outputs
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         # As lm-evaluation-harness does: trailing spaces of the context move into the

@@ -1,18 +1,20 @@
-"""The scoring strategy: each option's answer strings are scored as continuations of the
-rendered prompt; the best (optionally length-normalized) option is the prediction."""
+"""Scoring strategies: each option's answer strings are scored as continuations of the
+rendered prompt. `ScorePrompt` is one template; `ScoreStrategy` combines templates
+(mean probability, vote) and applies contextual calibration."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 from taskfit.config import PromptConfig
 from taskfit.data import Example
 from taskfit.errors import TaskfitError
-from taskfit.models.base import Request
-from taskfit.prompting.answers import answer_strings, combine
-from taskfit.prompting.demos import select_demos
-from taskfit.prompting.template import Rendered, Template
+from taskfit.models.base import LM, Request
+from taskfit.prompting.answers import combine
+from taskfit.prompting.builder import PromptBuilder
+from taskfit.prompting.extract import majority_vote, vote_shares
 from taskfit.tasks import Task
 
 
@@ -26,58 +28,140 @@ class Query:
 
 
 class ScorePrompt:
-    """A prompt run of the `score` kind, built once per run and applied per example."""
+    """One template of a scored prompt run, built once per run and applied per example."""
 
-    def __init__(self, cfg: PromptConfig, task: Task, seed: int, where: str, chat=None):
+    def __init__(self, cfg: PromptConfig, task: Task, seed: int, where: str, chat=None, template: str | None = None):
         self.cfg = cfg
-        self.where = where
-        self.template = Template(cfg.template, f"{where}.template")
-        self._chat = chat  # LM.chat, or None to check the prompt without a model
-        if task.type == "classification":
-            self.label_answers: list[list[str]] | None = answer_strings(task.labels, cfg.answers, where)
-        else:
-            if cfg.answers:
-                raise TaskfitError(f"{where}.answers: multiple-choice options are their own answers; remove `answers`.")
-            self.label_answers = None
-        demos = select_demos(
-            task.split("train"), cfg.shots, cfg.demos, seed, where, exclude=task.split("test"), id_field=task.config.id
-        )
-        self.demo_text = "".join(
-            self.template.render(d).filled(self._strings(d)[d.gold][0]) + cfg.separator for d in demos
-        )
-
-    def _strings(self, example: Example) -> list[list[str]]:
-        return self.label_answers if self.label_answers is not None else [[o] for o in example.options]
+        self.builder = PromptBuilder(cfg, task, seed, where, template or cfg.template_list[0], chat)
+        self.is_classification = task.type == "classification"
 
     def query(self, example: Example) -> Query:
-        rendered: Rendered = self.template.render(example)
-        context = self.demo_text + rendered.before
-        if self.cfg.chat:
-            # The whole prompt is the user's turn; the answer starts the assistant's reply.
-            context = self._chat(context.rstrip()) if self._chat else context.rstrip()
-        requests = [[Request(context, s + rendered.after) for s in strings] for strings in self._strings(example)]
+        ctx = self.builder.context(example)
+        options = self.builder.options(example)
+        requests = [[Request(ctx.text, s + ctx.rendered.after) for s in strings] for strings in options]
         if any(r.continuation == "" for reqs in requests for r in reqs):
             raise TaskfitError(f"{example.source}: an answer option is empty, so there is nothing to score.")
-        return Query(example, context, requests)
+        return Query(example, ctx.text, requests)
 
-    def predict(self, query: Query, loglik: dict[Request, float]) -> dict[str, Any]:
-        """The prediction row for one example, given the log-likelihood of each request."""
+    def option_scores(self, query: Query, loglik: dict[Request, float]) -> tuple[list[float], list[float]]:
+        """(raw, ranked): summed log-likelihood per option, and the same after `normalize`."""
         raw, ranked = [], []
         for reqs in query.requests:
             lps = [loglik[r] for r in reqs]
-            raw.append(combine(lps, self.cfg.combine))
+            raw.append(combine(lps, self.cfg.answer_pooling))
             if self.cfg.normalize == "length":
                 lps = [lp / len(r.continuation) for lp, r in zip(lps, reqs)]  # per character, as lm-eval's acc_norm
-            ranked.append(combine(lps, self.cfg.combine))
-        best = max(range(len(ranked)), key=lambda i: (ranked[i], -i))  # ties: the first option
-        ex = query.example
-        is_cls = self.label_answers is not None
+            ranked.append(combine(lps, self.cfg.answer_pooling))
+        return raw, ranked
+
+    def predict(self, query: Query, loglik: dict[Request, float]) -> dict[str, Any]:
+        """The prediction row for one example, given the log-likelihood of each request."""
+        raw, ranked = self.option_scores(query, loglik)
+        return self.row(query, raw, ranked, softmax(ranked))
+
+    def row(self, query: Query, raw: list[float], ranked: list[float], probs: list[float]) -> dict[str, Any]:
+        best = argmax(probs)
+        row = {**answer_fields(query.example, best, self.is_classification), "scores": raw}
+        if self.cfg.normalize != "none":
+            row["normalized_scores"] = ranked
+        return {**row, "probabilities": probs, "prompt": query.prompt}
+
+
+class ScoreStrategy:
+    """Scores with one or several templates; combines them and calibrates when asked."""
+
+    def __init__(self, cfg: PromptConfig, task: Task, seed: int, where: str, templates: list[str], chat=None):
+        self.cfg, self.task = cfg, task
+        self.prompts = [ScorePrompt(cfg, task, seed, where, chat, template=t) for t in templates]
+        self.calibrate = cfg.calibrate == "contextual"
+        if self.calibrate and task.type == "generation":
+            raise TaskfitError(f"{where}.calibrate: contextual calibration needs options to score; remove it here.")
+
+    def check(self, examples: list[Example]) -> None:
+        for prompt in self.prompts:
+            for ex in examples:
+                prompt.query(ex)
+
+    def predict(self, examples: list[Example], lm: LM) -> list[dict[str, Any]]:
+        queries = [[p.query(ex) for ex in examples] for p in self.prompts]  # [template][example]
+        free = [[[p.query(cf) for cf in self._content_free(ex)] for ex in examples] for p in self.prompts]
+        wanted = [r for qs in queries for q in qs for reqs in q.requests for r in reqs]
+        if self.calibrate:
+            wanted += [r for per_t in free for per_ex in per_t for q in per_ex for reqs in q.requests for r in reqs]
+        wanted = list(dict.fromkeys(wanted))
+        loglik = dict(zip(wanted, lm.loglikelihood(wanted)))
+        rows = []
+        for i, ex in enumerate(examples):
+            per_template = [self._template_row(t, queries[t][i], free[t][i], loglik) for t in range(len(self.prompts))]
+            rows.append(self._combined(ex, per_template))
+        return rows
+
+    def _template_row(self, t: int, query: Query, free: list[Query], loglik) -> dict[str, Any]:
+        prompt = self.prompts[t]
+        raw, ranked = prompt.option_scores(query, loglik)
+        probs = softmax(ranked)
+        if self.calibrate:
+            reference = [softmax(prompt.option_scores(q, loglik)[1]) for q in free]
+            p_cf = [sum(col) / len(col) for col in zip(*reference)]
+            probs = normalized([p / max(c, 1e-12) for p, c in zip(probs, p_cf)])
+        row = prompt.row(query, raw, ranked, probs)
+        if self.calibrate:
+            row["content_free_probabilities"] = p_cf
+        return row
+
+    def _combined(self, ex: Example, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        if len(rows) == 1:
+            return rows[0]
+        n = len(rows[0]["probabilities"])
+        if self.cfg.combine == "vote":
+            choices = [argmax(r["probabilities"]) for r in rows]
+            best, _ = majority_vote(choices)
+            probs = vote_shares(choices, n)
+        else:  # mean_prob
+            probs = [sum(r["probabilities"][k] for r in rows) / len(rows) for k in range(n)]
+            best = argmax(probs)
+        fields = answer_fields(ex, best, self.task.type == "classification")
         return {
-            "id": ex.id,
-            "label": ex.gold_text if is_cls else ex.gold,
-            "prediction": ex.options[best] if is_cls else best,
-            "correct": best == ex.gold,
-            "scores": raw,
-            **({"normalized_scores": ranked} if self.cfg.normalize != "none" else {}),
-            "prompt": query.prompt,
+            **fields,
+            "scores": rows[0]["scores"],
+            "template_scores": [r["scores"] for r in rows],
+            "template_predictions": [r["prediction"] for r in rows],
+            "probabilities": probs,
+            "prompt": rows[0]["prompt"],
         }
+
+    def _content_free(self, ex: Example) -> list[Example]:
+        """The example with every text field (but the options) replaced by each content-free string."""
+        if not self.calibrate:
+            return []
+        cfg = self.task.config
+        keep = {cfg.id, cfg.label} | set([cfg.choices] if isinstance(cfg.choices, str) else cfg.choices or [])
+        out = []
+        for text in self.cfg.content_free:
+            fields = {k: (text if isinstance(v, str) and k not in keep else v) for k, v in ex.fields.items()}
+            out.append(replace(ex, id=f"{ex.id}#content-free", fields=fields))
+        return out
+
+
+def answer_fields(ex: Example, best: int, is_classification: bool) -> dict[str, Any]:
+    return {
+        "id": ex.id,
+        "label": ex.gold_text if is_classification else ex.gold,
+        "prediction": ex.options[best] if is_classification else best,
+        "correct": best == ex.gold,
+    }
+
+
+def argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))  # ties: the first option
+
+
+def softmax(scores: list[float]) -> list[float]:
+    top = max(scores)
+    exps = [math.exp(s - top) for s in scores]
+    return normalized(exps)
+
+
+def normalized(values: list[float]) -> list[float]:
+    total = sum(values)
+    return [v / total for v in values]

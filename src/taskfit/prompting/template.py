@@ -62,3 +62,13 @@ class Template:
                 f"(found it {len(parts) - 1} times)."
             )
         return Rendered(parts[0], parts[1])
+
+
+def render_plain(source: str, variables: dict[str, Any], where: str) -> str:
+    """Render a template that has no answer slot (such as `answer_format`)."""
+    try:
+        return _ENV.from_string(source).render(variables)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TaskfitError(f"{where}: template syntax error on its line {exc.lineno}: {exc.message}.") from None
+    except jinja2.UndefinedError as exc:
+        raise TaskfitError(f"{where}: {exc.message}. Variables available: {', '.join(variables)}.") from None

@@ -9,7 +9,7 @@ from taskfit.config import Experiment, TaskConfig
 from taskfit.data import Example, read_records
 from taskfit.data.readers import Record
 from taskfit.errors import TaskfitError, did_you_mean
-from taskfit.tasks import classification, multiple_choice
+from taskfit.tasks import classification, generation, multiple_choice
 
 SPLITS = ("train", "dev", "test")
 
@@ -28,6 +28,8 @@ class Task:
 
     @property
     def metrics(self) -> tuple[str, ...]:
+        if self.type == "generation":
+            return ("exact_match", "token_f1", "rouge_l", "bleu", "chrf")
         return ("accuracy", "macro_f1") if self.type == "classification" else ("accuracy",)
 
     def split(self, name: str) -> list[Example]:
@@ -49,6 +51,8 @@ def load_task(experiment: Experiment) -> Task:
     if cfg.type == "classification":
         labels = classification.label_space(cfg, records)
         build: Callable[[Record, str], Example] = lambda rec, split: classification.to_example(cfg, labels, rec, split)
+    elif cfg.type == "generation":
+        build = lambda rec, split: generation.to_example(cfg, rec, split)
     else:
         build = lambda rec, split: multiple_choice.to_example(cfg, rec, split)
     splits = {}

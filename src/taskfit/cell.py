@@ -1,0 +1,165 @@
+"""One cell of the grid: a run with one model, one seed and (optionally) one template or
+demonstration set, scored on the test split chunk by chunk and written to its folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from taskfit.config import ModelConfig, PromptConfig
+from taskfit.data import Example
+from taskfit.errors import TaskfitError
+from taskfit.evaluation.rows import row_metrics
+from taskfit.manifest import environment, peak_memory_mb
+from taskfit.models.cached import CachedLM
+from taskfit.prompting import build_strategy
+from taskfit.store import atomic_write
+from taskfit.tasks import Task
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64
+"""Examples predicted per model call and per cache append; fixed so resumed runs batch alike."""
+
+MIN_CARVED_DEV = 10
+
+
+@dataclass(frozen=True)
+class Cell:
+    run: str
+    model: ModelConfig
+    seed: int
+    folder: str
+    """Relative to the output folder."""
+    label: str
+    """Key in results.json: the run (with its variant), or `run@model` when the grid has several models."""
+    template: int | None = None
+    """`combine: each`: the index of this cell's template."""
+    demo_set: int | None = None
+    """`demo_sets`: which redraw of the demonstrations this cell uses."""
+
+    @property
+    def demo_seed(self) -> int:
+        return self.seed if not self.demo_set else self.seed * 7919 + self.demo_set
+
+
+def check_cell(cell: Cell, prompt: PromptConfig, task: Task, examples: list[Example]) -> None:
+    """Build the cell's strategy and render every prompt, without a model."""
+    task, _ = _splits_for(cell, prompt, task)
+    for templates in _template_sets(cell, prompt):
+        strategy = build_strategy(prompt, task, cell.demo_seed, f"runs.{cell.run}.prompt", templates=templates)
+        strategy.check(examples)
+
+
+def run_cell(
+    cell: Cell,
+    prompt: PromptConfig,
+    task: Task,
+    examples: list[Example],
+    lm: CachedLM,
+    out_dir: Path,
+    root: Path,
+    progress=None,
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    computed_before, truncated_before = lm.computed, getattr(lm.lm, "truncated", 0)
+    task, dev = _splits_for(cell, prompt, task)
+    where = f"runs.{cell.run}.prompt"
+    selection = None
+    templates = _template_sets(cell, prompt)
+    if len(templates) > 1:  # select_on_dev: the choice sees dev only, never test
+        selection = _select_on_dev(cell, prompt, task, dev, lm, templates)
+        templates = [templates[selection["chosen_template"]]]
+    strategy = build_strategy(prompt, task, cell.demo_seed, where, chat=lm.chat, templates=templates[0])
+    rows = _predict(strategy, examples, lm, progress, cell.folder)
+    cell_dir = out_dir / cell.folder
+    atomic_write(cell_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    metrics = row_metrics(task, rows, cell.seed)
+    truncated = getattr(lm.lm, "truncated", 0) - truncated_before
+    if truncated:
+        log.warning("%s: %d prompt(s) exceeded the model's context and were cut from the left", cell.folder, truncated)
+    manifest = {
+        "run": cell.run,
+        "label": cell.label,
+        "folder": cell.folder,
+        "seed": cell.seed,
+        "template": cell.template,
+        "demo_set": cell.demo_set,
+        "model": lm.identity,
+        "task": {"type": task.type, "labels": list(task.labels or [])},
+        "metrics": metrics,
+        **({"selection": selection} if selection else {}),
+        "examples": len(rows),
+        "requests_computed": lm.computed - computed_before,
+        "truncated_prompts": truncated,
+        "wall_time_s": round(time.perf_counter() - start, 3),
+        "peak_memory_mb": peak_memory_mb(),
+        "trainable_parameters": 0,
+        "config": {"prompt": prompt.model_dump(mode="json")},
+        **environment(root),
+    }
+    atomic_write(cell_dir / "manifest.json", json.dumps(manifest, indent=2))
+    return metrics
+
+
+def _predict(strategy, examples: list[Example], lm: CachedLM, progress, name: str) -> list[dict[str, Any]]:
+    rows = []
+    task_id = progress.add_task(name, total=len(examples)) if progress else None
+    for chunk in _chunks(examples, CHUNK):
+        rows.extend(strategy.predict(chunk, lm))
+        if progress:
+            progress.advance(task_id, len(chunk))
+    return rows
+
+
+def _template_sets(cell: Cell, prompt: PromptConfig) -> list[list[str]]:
+    """The template lists to build strategies from: one (ensemble or single), or one per
+    template when the cell must choose one on dev."""
+    templates = prompt.template_list
+    if cell.template is not None:
+        return [[templates[cell.template]]]
+    if prompt.templates and prompt.combine == "select_on_dev":
+        return [[t] for t in templates]
+    return [templates]
+
+
+def _select_on_dev(cell, prompt, task, dev, lm, templates) -> dict[str, Any]:
+    scores = []
+    for i, one in enumerate(templates):
+        strategy = build_strategy(prompt, task, cell.demo_seed, f"runs.{cell.run}.prompt", chat=lm.chat, templates=one)
+        metrics = row_metrics(task, _predict(strategy, dev, lm, None, f"{cell.folder} dev t{i}"), cell.seed)
+        scores.append(metrics[task.metrics[0]])
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    return {"metric": task.metrics[0], "dev_scores": scores, "chosen_template": best, "dev_size": len(dev)}
+
+
+def _splits_for(cell: Cell, prompt: PromptConfig, task: Task) -> tuple[Task, list[Example]]:
+    """The task whose train split feeds demonstrations, and the dev split for selection.
+    Without a dev file, a seeded quarter of train (at least 10 examples) becomes dev."""
+    if not (prompt.templates and prompt.combine == "select_on_dev" and cell.template is None):
+        return task, task.split("dev")
+    if task.split("dev"):
+        return task, task.split("dev")
+    import random
+
+    train = list(task.split("train"))
+    n_dev = max(MIN_CARVED_DEV, len(train) // 4)
+    if len(train) - n_dev < max(prompt.shots, 1):
+        raise TaskfitError(
+            f"runs.{cell.run}.prompt.combine: `select_on_dev` needs a dev split. Add `task.data.dev`, or give the "
+            f"train split at least {n_dev + max(prompt.shots, 1)} examples so that {n_dev} can be held out "
+            f"(it has {len(train)})."
+        )
+    random.Random(cell.seed).shuffle(train)
+    dev, rest = train[:n_dev], train[n_dev:]
+    return replace(task, splits={**task.splits, "train": rest, "dev": dev}), dev
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,46 @@
+"""An LM wrapper that remembers every result in the run folder's cache (see store.py), so
+interrupted runs resume and changed configs recompute only what changed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from taskfit.models.base import LM, GenerationRequest, Request
+from taskfit.store import ScoreCache
+
+
+class CachedLM:
+    def __init__(self, lm: LM, cache: ScoreCache):
+        self.lm = lm
+        self.cache = cache
+        self.computed = 0
+        """Requests that reached the model (not answered from the cache)."""
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return self.lm.identity
+
+    def chat(self, user_message: str) -> str:
+        return self.lm.chat(user_message)
+
+    def loglikelihood(self, requests: list[Request]) -> list[float]:
+        wanted = list(dict.fromkeys(requests))
+        known = {r: self.cache.get(r) for r in wanted}
+        missing = [r for r, v in known.items() if v is None]
+        if missing:
+            fresh = dict(zip(missing, self.lm.loglikelihood(missing)))
+            self.cache.add(fresh)
+            known.update(fresh)
+            self.computed += len(missing)
+        return [known[r] for r in requests]
+
+    def generate(self, requests: list[GenerationRequest]) -> list[list[str]]:
+        wanted = list(dict.fromkeys(requests))
+        known = {r: self.cache.get(r) for r in wanted}
+        missing = [r for r, v in known.items() if v is None]
+        if missing:
+            fresh = dict(zip(missing, self.lm.generate(missing)))
+            self.cache.add(fresh)
+            known.update(fresh)
+            self.computed += len(missing)
+        return [list(known[r]) for r in requests]

@@ -1,0 +1,104 @@
+"""Turning one example into prompt text: demonstrations, template, chat wrapping and the
+chain-of-thought trigger. Shared by the scoring and the generating strategies."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from taskfit.config import PromptConfig
+from taskfit.data import Example
+from taskfit.errors import TaskfitError
+from taskfit.prompting.answers import answer_strings
+from taskfit.prompting.demos import select_demos
+from taskfit.prompting.template import Rendered, Template, render_plain
+from taskfit.tasks import Task
+
+
+@dataclass(frozen=True)
+class Context:
+    text: str
+    """Everything the model reads before the answer: demos, the example, chat wrapping."""
+    rendered: Rendered
+
+
+class PromptBuilder:
+    def __init__(self, cfg: PromptConfig, task: Task, seed: int, where: str, template: str, chat=None):
+        self.cfg, self.task, self.seed, self.where = cfg, task, seed, where
+        self.template = Template(template, f"{where}.template" + ("s" if cfg.templates else ""))
+        self._chat = chat  # LM.chat, or None to check the prompt without a model
+        self.label_answers = self._label_answers()
+        self._similar = None
+        if cfg.demos == "similar" and cfg.shots:
+            self._fixed: list[Example] | None = None
+        else:
+            train = task.split("train")
+            demos = select_demos(train, cfg.shots, cfg.demos, seed, where, task.split("test"), task.config.id)
+            self._fixed = self._ordered(demos, str(seed))
+
+    def _label_answers(self) -> list[list[str]] | None:
+        if self.task.type == "classification":
+            return answer_strings(self.task.labels, self.cfg.answers, self.where)
+        if self.cfg.answers:
+            kind = "multiple-choice options" if self.task.type == "multiple_choice" else "generation targets"
+            raise TaskfitError(f"{self.where}.answers: {kind} are their own answers; remove `answers`.")
+        return None
+
+    def options(self, example: Example) -> list[list[str]]:
+        """Answer strings per option: the verbalizer's (classification) or the options themselves."""
+        return self.label_answers if self.label_answers is not None else [[o] for o in example.options]
+
+    def demos(self, example: Example) -> list[Example]:
+        if self._fixed is not None:
+            return self._fixed
+        if self._similar is None:
+            from taskfit.prompting.similar import SimilarDemos
+
+            self._similar = SimilarDemos(self.task.split("train"), self._text_of)
+        return self._ordered(self._similar.select(example, self.cfg.shots), f"{self.seed}-{example.id}")
+
+    def _text_of(self, example: Example) -> str:
+        skip = {self.task.config.id, self.task.config.label, self.cfg.rationale}
+        return "\n".join(str(v) for k, v in example.fields.items() if k not in skip and isinstance(v, str))
+
+    def _ordered(self, demos: list[Example], key: str) -> list[Example]:
+        if self.cfg.order == "random":
+            demos = list(demos)
+            random.Random(key).shuffle(demos)
+        return demos
+
+    def demo_text(self, example: Example) -> str:
+        parts = []
+        for demo in self.demos(example):
+            answer = self.options(demo)[demo.gold][0]
+            if self.cfg.chain_of_thought:
+                answer = self._with_rationale(demo, answer)
+            parts.append(self.template.render(demo).filled(answer) + self.cfg.separator)
+        return "".join(parts)
+
+    def _with_rationale(self, demo: Example, answer: str) -> str:
+        if self.cfg.rationale not in demo.fields:
+            raise TaskfitError(
+                f"{demo.source}: chain-of-thought demonstrations need the field '{self.cfg.rationale}' (`rationale`) "
+                "with the reasoning. Add it to the train split, or set `rationale` to the field that has it."
+            )
+        variables = {**demo.fields, "rationale": demo.fields[self.cfg.rationale], "answer": answer}
+        return render_plain(self.cfg.answer_format, variables, f"{self.where}.answer_format")
+
+    def context(self, example: Example) -> Context:
+        rendered = self.template.render(example)
+        text = self.demo_text(example) + rendered.before
+        if self.cfg.chain_of_thought and not self.cfg.shots:
+            text = text + self.cfg.trigger  # zero-shot chain of thought (Kojima et al. 2022)
+        if self.cfg.chat:
+            # The whole prompt is the user's turn; the answer starts the assistant's reply.
+            text = self._chat(text.rstrip()) if self._chat else text.rstrip()
+        return Context(text, rendered)
+
+    @property
+    def reasoning_to_answer(self) -> str:
+        """What joins generated reasoning to the answer, from `answer_format` (" So the answer is ")."""
+        fmt = self.cfg.answer_format
+        if "{{ rationale }}" in fmt and "{{ answer }}" in fmt:
+            return fmt.split("{{ rationale }}", 1)[1].split("{{ answer }}", 1)[0]
+        return " "

@@ -1,0 +1,80 @@
+"""The accuracy-vs-cost section: wall time, peak memory and trainable parameters per cell."""
+
+from __future__ import annotations
+
+import statistics
+
+from taskfit.report import analysis, plots
+from taskfit.report.blocks import Figure, Section, Table, Text
+from taskfit.report.data import ReportData
+from taskfit.report.formatting import DASH, num
+
+CAVEAT = (
+    "Each dot is one cell (run × seed). Peak memory is the peak resident memory of the process "
+    "when the cell finished (or GPU memory allocated, when every cell used a GPU): cells run one "
+    "after another in one process, so a later cell's peak includes earlier ones. A cell answered "
+    "from the score cache (few requests computed) took less time than it would cost afresh."
+)
+
+
+def _numbers(points: list[dict], key: str) -> list[float] | None:
+    values = [p.get(key) for p in points]
+    if not all(isinstance(v, int | float) for v in values):
+        return None
+    return [float(v) for v in values]
+
+
+def cost_panels(points: list[dict]) -> list[tuple[str, list[float], list[float], list[str]]]:
+    labels = [p["label"] for p in points]
+    ys = [p["value"] for p in points]
+    panels = []
+    wall = _numbers(points, "wall_time_s")
+    if wall is not None:
+        panels.append(("wall time (s)", wall, ys, labels))
+    gpu, cpu = _numbers(points, "gpu_allocated"), _numbers(points, "cpu_rss")
+    if gpu is not None:
+        panels.append(("peak GPU memory allocated (MB)", gpu, ys, labels))
+    elif cpu is not None:
+        panels.append(("peak resident memory (MB)", cpu, ys, labels))
+    trainable = _numbers(points, "trainable")
+    if trainable is not None and any(trainable):
+        panels.append(("trainable parameters", trainable, ys, labels))
+    return panels
+
+
+COLUMNS = ["run", "wall time per seed (s)", "examples/s", "peak RSS (MB)", "trainable parameters", "requests computed"]
+
+
+def cost_table(data: ReportData, metric: str) -> Table:
+    rows = [_cost_row(g.cells) + [num(g.result.get(metric))] for g in data.groups if g.cells]
+    return Table([*COLUMNS, metric], rows, "cost", numeric=[False] + [True] * 6)
+
+
+def _cost_row(cells: list) -> list[str]:
+    manifests = [c.manifest for c in cells]
+    times = [m["wall_time_s"] for m in manifests if isinstance(m.get("wall_time_s"), int | float)]
+    examples = sum(m.get("examples") or 0 for m in manifests)
+    memory = max((m.get("peak_memory_mb") or {}).get("cpu_rss") or 0 for m in manifests)
+    computed = [m["requests_computed"] for m in manifests if isinstance(m.get("requests_computed"), int)]
+    return [
+        cells[0].label,
+        num(statistics.fmean(times), 2) if times else DASH,
+        num(examples / sum(times), 1) if times and sum(times) > 0 else DASH,
+        num(memory, 0),
+        f"{max(m.get('trainable_parameters') or 0 for m in manifests):,}",
+        str(sum(computed)) if computed else DASH,
+    ]
+
+
+def cost_section(data: ReportData, metric: str) -> Section | None:
+    points = analysis.cost_points(data.groups, metric)
+    if not points:
+        return None
+    blocks: list = [Text(CAVEAT)]
+    panels = cost_panels(points)
+    if panels:
+        order = [g.label for g in data.groups]
+        png = plots.cost_scatter(panels, metric, order)
+        blocks.append(Figure("cost", f"{metric} vs cost", png))
+    blocks.append(cost_table(data, metric))
+    return Section("cost", f"{metric.replace('_', ' ').capitalize()} vs cost", blocks)

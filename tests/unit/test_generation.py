@@ -1,0 +1,230 @@
+"""Generation against straightforward references, on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers.tiny import build_tiny_model
+from taskfit.config import ModelConfig
+from taskfit.models.base import GenerationRequest
+from taskfit.models.generation import Detokenizer, Generator, draw, filter_logits, find_stop, nucleus
+from taskfit.models.hf import HFLM
+
+PROMPTS = ["Question: What does the fox do? Answer:", "Review: the food was cold.", "", "How would Jordan feel?"]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    folder = build_tiny_model(tmp_path_factory.mktemp("tiny"))
+    return HFLM.load(ModelConfig(name=str(folder), dtype="float32", device="cpu"))
+
+
+def reference_greedy(lm: HFLM, context: str, max_new_tokens: int) -> list[int]:
+    """Full forward over the whole sequence every step, argmax, stop at EOS."""
+    ids = lm.generator.encode(context, max_new_tokens)
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            token = lm.model(torch.tensor([ids + out])).logits[0, -1].argmax().item()
+            if token == lm.tokenizer.eos_token_id:
+                break
+            out.append(token)
+    return out
+
+
+def sampled(context: str, seed: int, samples: int = 8, **kw) -> GenerationRequest:
+    return GenerationRequest(context, max_new_tokens=12, temperature=1.0, samples=samples, seed=seed, **kw)
+
+
+@pytest.mark.parametrize("context", PROMPTS)
+def test_greedy_equals_reference_loop_and_hf_generate(lm, context):
+    (gen,) = lm.generator.run(GenerationRequest(context, max_new_tokens=16))
+    ref = reference_greedy(lm, context, 16)
+    assert gen.tokens == ref
+    assert gen.text == lm.tokenizer.decode(ref, skip_special_tokens=True)
+    ids = torch.tensor([lm.generator.encode(context, 16)])
+    with torch.inference_mode():
+        hf = lm.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=16,
+            eos_token_id=lm.tokenizer.eos_token_id,
+            pad_token_id=lm.tokenizer.pad_token_id,
+        )[0, ids.shape[1] :].tolist()
+    assert [t for t in hf if t != lm.tokenizer.eos_token_id] == ref
+
+
+def test_greedy_ignores_seed(lm):
+    reqs = [GenerationRequest(PROMPTS[0], max_new_tokens=10, seed=s) for s in (0, 1, 2)]
+    assert len({tuple(r[0] for r in lm.generate([q])) for q in reqs}) == 1
+
+
+def test_same_seed_same_samples_whatever_the_batch(lm):
+    a, b = sampled(PROMPTS[0], seed=3), sampled(PROMPTS[1], seed=3)
+    first = lm.generate([a, b])
+    assert lm.generate([a, b]) == first
+    assert lm.generate([b, a])[::-1] == first
+    assert lm.generate([a]) == first[:1]
+    # a sample does not depend on how many others decode beside it
+    assert lm.generate([a._replace(samples=3)])[0] == first[0][:3]
+
+
+def test_different_seeds_give_different_samples(lm):
+    one, two = lm.generate([sampled(PROMPTS[0], seed=0), sampled(PROMPTS[0], seed=1)])
+    assert len(set(one)) > 1 and len(set(two)) > 1
+    assert one != two
+    other_context = lm.generate([sampled(PROMPTS[0] + " ", seed=0)])[0]
+    assert other_context != one
+
+
+def test_single_sample_with_temperature(lm):
+    (out,) = lm.generate([sampled(PROMPTS[0], seed=5, samples=1)])
+    assert len(out) == 1 and isinstance(out[0], str)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(samples=2),  # temperature 0
+        dict(temperature=0.5, top_p=0.0),
+        dict(temperature=0.5, top_p=1.5),
+        dict(top_k=-1),
+        dict(max_new_tokens=0),
+        dict(temperature=-1.0),
+        dict(stop=("",)),
+    ],
+)
+def test_invalid_settings_raise(lm, bad):
+    with pytest.raises(ValueError):
+        lm.generate([GenerationRequest(PROMPTS[0], **bad)])
+
+
+def test_stop_strings_cut_and_are_excluded(lm):
+    full = lm.generator.run(GenerationRequest(PROMPTS[0], max_new_tokens=30))[0].text
+    assert len(full) > 12
+    early, late = full[6:8], full[9:12]
+    assert full.find(late) > full.find(early) >= 0  # the tiny model's text is arbitrary; pick two stops
+    (gen,) = lm.generator.run(GenerationRequest(PROMPTS[0], max_new_tokens=30, stop=(late, early)))
+    assert gen.finish == "stop"
+    assert gen.text == full[: full.find(early)]
+    assert early not in gen.text
+    assert len(gen.tokens) < 30  # decoding stopped there
+
+
+def test_eos_stops(lm, monkeypatch):
+    assert lm.tokenizer.eos_token_id in lm.generator.stop_ids
+    tokens = lm.generator.run(GenerationRequest(PROMPTS[1], max_new_tokens=20))[0].tokens
+    eos = tokens[5]  # pretend this token is EOS
+    monkeypatch.setattr(lm.generator, "stop_ids", frozenset({eos}))
+    (gen,) = lm.generator.run(GenerationRequest(PROMPTS[1], max_new_tokens=20))
+    cut = tokens.index(eos)
+    assert gen.finish == "eos" and gen.tokens == tokens[:cut]
+    assert gen.text == lm.tokenizer.decode(tokens[:cut], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("settings", [dict(top_k=1), dict(top_p=1e-6), dict(top_k=1, top_p=0.5)])
+def test_narrow_sampling_equals_greedy(lm, settings):
+    greedy = lm.generate([GenerationRequest(PROMPTS[0], max_new_tokens=12)])[0][0]
+    out = lm.generate([sampled(PROMPTS[0], seed=9, samples=4, **settings)])[0]
+    assert out == [greedy] * 4
+
+
+def test_prompt_runs_once_for_all_samples(lm):
+    calls = []
+    handle = lm.model.register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        outs = lm.generate([sampled(PROMPTS[0], seed=1, samples=8)])[0]
+    finally:
+        handle.remove()
+    prompt_len = len(lm.generator.encode(PROMPTS[0], 12))
+    assert len(outs) == 8
+    assert calls[0] == (1, prompt_len)  # prefill at batch 1
+    assert 1 + 1 <= len(calls) <= 1 + 12
+    assert all(shape[1] == 1 and shape[0] <= 8 for shape in calls[1:])  # then one token per live sample
+
+
+def test_finished_samples_leave_the_batch(lm):
+    (full,) = lm.generator.run(GenerationRequest(PROMPTS[0], max_new_tokens=12))
+    stop = lm.tokenizer.decode(full.tokens[:2], skip_special_tokens=True)[-1]
+    calls = []
+    handle = lm.model.register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        gens = lm.generator.run(sampled(PROMPTS[0], seed=2, stop=(stop,)))
+    finally:
+        handle.remove()
+    ended = sum(g.finish == "stop" for g in gens)
+    assert ended >= 1  # a one-character stop string: some samples meet it early
+    assert calls[-1] <= 8 - ended
+    assert calls[1:] == sorted(calls[1:], reverse=True)
+
+
+def test_long_prompt_is_cut_from_the_left(tmp_path):
+    folder = build_tiny_model(tmp_path / "short", max_positions=32)
+    lm = HFLM.load(ModelConfig(name=str(folder), dtype="float32", device="cpu"))
+    long_ctx = "The quick brown fox jumps over the lazy dog. " * 10
+    (texts,) = lm.generate([GenerationRequest(long_ctx, max_new_tokens=8)])
+    assert lm.truncated == 1 and len(texts) == 1
+    ids = lm.tokenizer(long_ctx, add_special_tokens=False).input_ids
+    assert lm.generator.encode(long_ctx, 8) == ids[-24:]
+    with pytest.raises(ValueError):
+        lm.generate([GenerationRequest("x", max_new_tokens=32)])
+
+
+def test_incremental_text_equals_whole_decode(lm):
+    # random tokens split UTF-8 characters across tokens: the hard case for incremental decoding
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        tokens = torch.randint(0, len(lm.tokenizer), (40,), generator=gen).tolist()
+        detok = Detokenizer(lm.tokenizer)
+        for t in tokens:
+            detok.push(t)
+        detok.flush()
+        assert detok.text == lm.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def test_find_stop_looks_only_at_the_new_tail():
+    assert find_stop("abc STOP", " STOP", ("STOP",)) == 4
+    assert find_stop("abcST", "T", ("STOP", "ST")) == 3
+    assert find_stop("xxSTyy", "yy", ("ST",)) == -1  # ended before the new piece: checked earlier
+    assert find_stop("aXbY", "bY", ("Y", "Xb")) == 1  # the earliest start wins
+
+
+def test_filter_logits_matches_definitions():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    kept = filter_logits(logits, 1.0, top_k=2, top_p=1.0).isfinite()[0].tolist()
+    assert kept == [True, True, False, False]
+    probs = logits.softmax(-1)[0]  # ~[0.61, 0.22, 0.14, 0.03]
+    kept = filter_logits(logits, 1.0, top_k=0, top_p=0.7).isfinite()[0].tolist()
+    assert kept == [True, True, False, False] and probs[0] < 0.7 < probs[:2].sum()
+    assert filter_logits(logits, 0.5, 0, 1.0).equal(logits * 2)
+
+
+def test_generator_works_without_hflm(lm):
+    gen = Generator(lm.model, lm.tokenizer, max_length=512)
+    assert gen.generate([GenerationRequest(PROMPTS[0], max_new_tokens=5)]) == lm.generate(
+        [GenerationRequest(PROMPTS[0], max_new_tokens=5)]
+    )
+
+
+def test_nucleus_equals_full_sort():
+    gen = torch.Generator().manual_seed(0)
+    probs = (torch.randn(6, 500, generator=gen) * 2).softmax(-1)
+    for top_p in (0.05, 0.5, 0.9, 0.999):
+        sorted_p, order = probs.sort(-1, descending=True)
+        ref = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, (sorted_p.cumsum(-1) - sorted_p) < top_p)
+        assert nucleus(probs, top_p, first_k=4).equal(ref)  # widened from 4 candidates
+        assert nucleus(probs, top_p).equal(ref)
+
+
+def test_draw_follows_the_probabilities():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2]]).expand(4000, -1)
+    rngs = [torch.Generator().manual_seed(i) for i in range(4000)]
+    counts = torch.bincount(draw(probs, rngs), minlength=4).tolist()
+    assert counts[1] == 0
+    assert all(abs(c / 4000 - p) < 0.03 for c, p in zip(counts, [0.5, 0.0, 0.3, 0.2]))

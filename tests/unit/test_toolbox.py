@@ -1,0 +1,269 @@
+"""The prompting toolbox with a scripted LM: chain of thought, voting, ensembles,
+calibration, template selection on dev, spread across templates and demonstration sets."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+import taskfit
+from taskfit.errors import TaskfitError
+from taskfit.models.base import GenerationRequest, Request
+from taskfit.prompting.extract import canonical, extract, majority_text, majority_vote, match_option
+
+YESNO_TRAIN = [
+    {"id": f"t{i}", "question": q, "rationale": r, "answer": a}
+    for i, (q, r, a) in enumerate(
+        [
+            ("Is ice cold?", "Ice is frozen water.", "yes"),
+            ("Can fish fly?", "Fish swim in water.", "no"),
+            ("Is the sun hot?", "The sun is a star.", "yes"),
+            ("Do rocks eat?", "Rocks are not alive.", "no"),
+        ]
+        * 4
+    )
+]
+YESNO_TEST = [
+    {"id": "q1", "question": "Is fire hot?", "answer": "yes"},
+    {"id": "q2", "question": "Can a cat read?", "answer": "no"},
+    {"id": "q3", "question": "Is snow white?", "answer": "yes"},
+]
+
+
+class ScriptedLM:
+    """Generations from `script(context, sample, seed) -> text`; log-likelihoods from `score`."""
+
+    def __init__(self, script=None, score=None):
+        self.identity = {"name": "scripted", "dtype": "float32", "device": "cpu"}
+        self.script = script or (lambda ctx, s, seed: " So the answer is yes.")
+        self.score = score or (lambda r: -1.0 if r.continuation.startswith(("yes", " yes")) else -2.0)
+        self.generated: list[GenerationRequest] = []
+        self.scored: list[Request] = []
+
+    def generate(self, requests):
+        self.generated.extend(requests)
+        return [[self.script(r.context, s, r.seed) for s in range(r.samples)] for r in requests]
+
+    def loglikelihood(self, requests):
+        self.scored.extend(requests)
+        return [self.score(r) for r in requests]
+
+    def chat(self, text):
+        return text
+
+
+@pytest.fixture
+def yesno(tmp_path):
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in YESNO_TRAIN))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in YESNO_TEST))
+
+    def write(prompt: str, extra: str = "") -> str:
+        text = (
+            "name: yn\ntask: {type: classification, data: {train: train.jsonl, test: test.jsonl}, label: answer}\n"
+            f"{extra}runs:\n  r:\n    prompt:\n" + "".join(f"      {line}\n" for line in prompt.strip().splitlines())
+        )
+        (tmp_path / "exp.yaml").write_text(text)
+        return str(tmp_path / "exp.yaml")
+
+    return write
+
+
+def rows_of(out, folder="r"):
+    return [json.loads(line) for line in (out / folder / "predictions.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- pure functions
+
+
+def test_extract_takes_the_first_match_and_first_group():
+    pattern = re.compile(r"answer is (yes|no)")
+    assert extract("so the answer is no. Later the answer is yes", pattern) == "no"
+    assert extract("no answer here", pattern) is None
+    assert extract("  plain text \n", None) == "plain text"
+
+
+def test_match_option_is_case_and_punctuation_insensitive_and_unicode_safe():
+    options = [["yes", "yeah"], ["no"], ["café"]]
+    assert match_option("YES.", options) == 0
+    assert match_option(" Yeah! ", options) == 0
+    assert match_option("CAFÉ", options) == 2
+    assert match_option("maybe", options) is None
+    assert match_option(None, options) is None
+    assert match_option("yes", [["yes"], ["Yes"]]) is None  # ambiguous: no silent pick
+    assert canonical("ﬁne") == "fine"  # NFKC folds the ligature
+
+
+def test_majority_vote_ties_go_to_the_first_seen_and_failures_count():
+    assert majority_vote([1, 0, 0, 1]) == (1, 0.5)
+    assert majority_vote([None, 2, None]) == (2, pytest.approx(1 / 3))
+    assert majority_vote([None, None]) == (None, 0.0)
+    assert majority_text(["Paris", "paris.", "Lyon"]) == ("Paris", pytest.approx(2 / 3))
+
+
+# ---------------------------------------------------------------- chain of thought and voting
+
+
+def test_few_shot_cot_demos_show_rationales_and_extract_answers(yesno, tmp_path):
+    lm = ScriptedLM(
+        script=lambda ctx, s, seed: (
+            " Fire burns. So the answer is yes." if "fire" in ctx[-40:] else " Cats cannot. So the answer is no."
+        )
+    )
+    path = yesno(
+        'template: "Q: {{ question }}\\nA: {{ answer }}"\nshots: 2\nchain_of_thought: true\n'
+        'extract: "answer is (yes|no)"'
+    )
+    results = taskfit.run(path, out=tmp_path / "out", lm=lm)
+    prompt = lm.generated[0].context
+    assert "Q: Is ice cold?\nA: Ice is frozen water. So the answer is yes.\n\n" in prompt
+    assert lm.generated[0].stop == ("\n\n",) and lm.generated[0].temperature == 0
+    rows = rows_of(tmp_path / "out")
+    assert [r["prediction"] for r in rows] == ["yes", "no", "no"]
+    assert results["r"]["extraction_failed"] == 0.0 and results["r"]["accuracy"] == pytest.approx(2 / 3)
+    assert lm.scored == []  # every answer extracted: no fallback scoring
+
+
+def test_failed_extraction_falls_back_to_scoring_and_is_reported(yesno, tmp_path):
+    lm = ScriptedLM(
+        script=lambda ctx, s, seed: " I am not sure.", score=lambda r: -0.5 if r.continuation == "no" else -3.0
+    )
+    path = yesno(
+        'template: "Q: {{ question }}\\nA: {{ answer }}"\nchain_of_thought: true\nextract: "answer is (yes|no)"'
+    )
+    results = taskfit.run(path, out=tmp_path / "out", lm=lm)
+    assert lm.generated[0].context.endswith("A: Let's think step by step.")  # zero-shot trigger
+    assert results["r"]["extraction_failed"] == 1.0
+    assert all(r["prediction"] == "no" for r in rows_of(tmp_path / "out"))
+    assert lm.scored[0].context.endswith("I am not sure. So the answer is ")
+
+
+def test_self_consistency_votes_and_reports_agreement(yesno, tmp_path):
+    answers = ["yes", "no", "yes", "yes", "no", "yes", "no", "yes"]
+    lm = ScriptedLM(script=lambda ctx, s, seed: f" So the answer is {answers[s]}.")
+    path = yesno(
+        'template: "Q: {{ question }}\\nA: {{ answer }}"\nchain_of_thought: true\n'
+        'extract: "answer is (yes|no)"\nsamples: 8\ntemperature: 0.7\ntop_p: 0.95'
+    )
+    results = taskfit.run(path, out=tmp_path / "out", lm=lm)
+    assert lm.generated[0].samples == 8 and lm.generated[0].top_p == 0.95
+    rows = rows_of(tmp_path / "out")
+    assert all(r["prediction"] == "yes" and r["vote_agreement"] == 5 / 8 for r in rows)
+    assert rows[0]["probabilities"] == [3 / 8, 5 / 8]  # label order: no, yes
+    assert results["r"]["vote_agreement"] == 5 / 8
+
+
+# ---------------------------------------------------------------- ensembles and calibration
+
+TEMPLATES = 'templates:\n  - "Q: {{ question }}\\nA: {{ answer }}"\n  - "{{ question }} Answer: {{ answer }}"\n'
+
+
+def _template_bias(r):
+    """Template 0 always says yes; template 1 answers correctly for 'fire'/'snow' questions."""
+    if r.context.startswith("Q:"):
+        return -1.0 if r.continuation.strip() == "yes" else -2.0
+    right = "yes" if ("fire" in r.context or "snow" in r.context) else "no"
+    return -1.0 if r.continuation.strip() == right else -4.0
+
+
+@pytest.mark.parametrize("combine", ["mean_prob", "vote"])
+def test_template_ensemble(yesno, tmp_path, combine):
+    path = yesno(TEMPLATES + f"combine: {combine}")
+    taskfit.run(path, out=tmp_path / "out", lm=ScriptedLM(score=_template_bias))
+    rows = rows_of(tmp_path / "out")
+    assert [r["template_predictions"] for r in rows] == [["yes", "yes"], ["yes", "no"], ["yes", "yes"]]
+    # mean_prob: template 1's confident 'no' outweighs template 0's weak 'yes'; vote: a tie goes to the first
+    assert rows[1]["prediction"] == ("no" if combine == "mean_prob" else "yes")
+
+
+def test_combine_each_reports_the_spread_across_templates(yesno, tmp_path):
+    results = taskfit.run(yesno(TEMPLATES + "combine: each"), out=tmp_path / "out", lm=ScriptedLM(score=_template_bias))
+    assert results["r[t0]"]["accuracy"] == pytest.approx(2 / 3) and results["r[t1]"]["accuracy"] == 1.0
+    spread = results["r"]
+    assert spread["variants"] == ["r[t0]", "r[t1]"]
+    assert spread["accuracy_min"] == pytest.approx(2 / 3) and spread["accuracy_max"] == 1.0
+    assert spread["accuracy_std"] == pytest.approx(((1 / 6) ** 2 * 2) ** 0.5)
+    assert (tmp_path / "out" / "r" / "t1" / "predictions.jsonl").is_file()
+
+
+def test_select_on_dev_chooses_on_dev_only(yesno, tmp_path):
+    def dev_expert(r):  # template 1 is perfect on the train questions, wrong on the test ones
+        if r.context.startswith("Q:"):
+            return -1.0 if r.continuation.strip() == "yes" else -2.0
+        right = "yes" if ("ice" in r.context or "sun" in r.context) else "no"
+        return -1.0 if r.continuation.strip() == right else -4.0
+
+    lm = ScriptedLM(score=dev_expert)
+    results = taskfit.run(yesno(TEMPLATES + "combine: select_on_dev"), out=tmp_path / "out", lm=lm)
+    selection = json.loads((tmp_path / "out" / "r" / "manifest.json").read_text())["selection"]
+    assert selection["dev_size"] == 10 and selection["dev_scores"][1] == 1.0
+    assert selection["chosen_template"] == 1  # best on dev, although template 0 is better on test
+    assert results["r"]["accuracy"] == pytest.approx(1 / 3)
+    test_questions = [r["question"] for r in YESNO_TEST]
+    dev_requests = lm.scored[: -len(YESNO_TEST) * 2]
+    assert not any(q in r.context for r in dev_requests for q in test_questions)  # test never leaks into the choice
+
+
+def test_select_on_dev_without_enough_train_is_an_error(yesno, tmp_path):
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in YESNO_TRAIN[:8]))
+    with pytest.raises(TaskfitError, match="needs a dev split"):
+        taskfit.run(yesno(TEMPLATES + "combine: select_on_dev"), out=tmp_path / "out", lm=ScriptedLM())
+
+
+def test_contextual_calibration_removes_a_label_bias(yesno, tmp_path):
+    def biased(r):  # 'yes' is favoured by 1.5 nats everywhere; the content shifts it by ±1
+        base = -1.0 if r.continuation.strip() == "yes" else -2.5
+        if "N/A" in r.context or r.context.rstrip().endswith("Q:\nA:") or "[MASK]" in r.context:
+            return base
+        right = "yes" if ("fire" in r.context or "snow" in r.context) else "no"
+        return base + (1.0 if r.continuation.strip() == right else 0.0)
+
+    plain = yesno('template: "Q: {{ question }}\\nA: {{ answer }}"')
+    taskfit.run(plain, out=tmp_path / "plain", lm=ScriptedLM(score=biased))
+    assert [r["prediction"] for r in rows_of(tmp_path / "plain")] == ["yes", "yes", "yes"]
+    calibrated = yesno('template: "Q: {{ question }}\\nA: {{ answer }}"\ncalibrate: contextual')
+    results = taskfit.run(calibrated, out=tmp_path / "cal", lm=ScriptedLM(score=biased))
+    rows = rows_of(tmp_path / "cal")
+    assert [r["prediction"] for r in rows] == ["yes", "no", "yes"]
+    assert rows[0]["content_free_probabilities"][1] > 0.7  # the bias the calibration divided out
+    assert 0 <= results["r"]["ece"] <= 1
+
+
+def test_demo_sets_redraw_demonstrations(yesno, tmp_path):
+    lm = ScriptedLM()
+    results = taskfit.run(
+        yesno('template: "Q: {{ question }}\\nA: {{ answer }}"\nshots: 2\ndemos: random\ndemo_sets: 3'),
+        out=tmp_path / "out",
+        lm=lm,
+    )
+    assert results["r"]["variants"] == ["r[d0]", "r[d1]", "r[d2]"]
+    prompts = {rows_of(tmp_path / "out", f"r/d{d}")[0]["prompt"] for d in range(3)}
+    assert len(prompts) == 3
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        (
+            'template: "Q: {{ question }}\\nA: {{ answer }}"\ncalibrate: contextual\nchain_of_thought: true',
+            "contextual calibration",
+        ),
+        (TEMPLATES + "chain_of_thought: true", "`combine: each` or `select_on_dev`"),
+    ],
+)
+def test_toolbox_conflicts_are_clear_errors(yesno, prompt, message):
+    with pytest.raises(TaskfitError, match=re.escape(message)):
+        taskfit.experiment.plan(yesno(prompt))
+
+
+def test_cot_demo_without_rationale_names_the_row(yesno, tmp_path):
+    rows = [{"id": "t1", "question": "x?", "answer": "yes"}, {"id": "t2", "question": "y?", "answer": "no"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(TaskfitError, match="rationale"):
+        taskfit.experiment.plan(
+            yesno('template: "Q: {{ question }}\\nA: {{ answer }}"\nshots: 1\nchain_of_thought: true')
+        )
