@@ -65,6 +65,7 @@ def run_cell(
     out_dir: Path,
     root: Path,
     progress=None,
+    tracker=None,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     computed_before, truncated_before = lm.computed, getattr(lm.lm, "truncated", 0)
@@ -104,6 +105,8 @@ def run_cell(
         **environment(root),
     }
     atomic_write(cell_dir / "manifest.json", json.dumps(manifest, indent=2))
+    if tracker is not None:
+        tracker.log_cell(cell_dir, manifest)
     return metrics
 
 

@@ -176,6 +176,10 @@ class ExperimentConfig(_Strict):
     """Seed for demonstration draws and bootstrap intervals (default 0)."""
     seeds: list[int] | None = Field(None, min_length=1)
     """Several seeds: every run repeats per seed; instead of `seed`."""
+    tracking: Literal["none", "mlflow"] = "none"
+    """`mlflow`: log every cell's params, metrics and files to MLflow."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI (default: a local file store in `<out>/mlruns`)."""
 
     @field_validator("model", mode="before")
     @classmethod

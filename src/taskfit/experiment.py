@@ -53,6 +53,10 @@ def plan(path: str | Path, only: list[str] | None = None, limit: int | None = No
         runs = {k: v for k, v in runs.items() if k in only}
     if limit is not None and limit < 1:
         raise TaskfitError("--limit must be a positive number of test examples.")
+    if cfg.tracking == "mlflow":
+        from taskfit.tracking import require_mlflow
+
+        require_mlflow()
     seeds = [seed] if seed is not None else cfg.seed_list
     p = Plan(experiment, load_task(experiment), runs, grid(cfg.model_list, runs, seeds), limit)
     for cell in p.cells:  # render every prompt once: template and data errors surface now
@@ -123,13 +127,14 @@ def run(
     cfg = p.experiment.config
     out_dir = Path(out) if out else Path("runs") / cfg.name
     per_cell: dict[Cell, dict] = {}
+    tracker = _tracker(cfg, out_dir)
     for model, cells in _by_model(p.cells).items():
         model_lm = lm or _load(model)
         cached = CachedLM(model_lm, ScoreCache.for_model(out_dir, model_lm.identity))
         for cell in cells:
             prompt = p.runs[cell.run].prompt
             per_cell[cell] = run_cell(
-                cell, prompt, p.task, p.test_examples(), cached, out_dir, p.experiment.root, progress
+                cell, prompt, p.task, p.test_examples(), cached, out_dir, p.experiment.root, progress, tracker
             )
         del model_lm, cached  # one model in memory at a time
     results = _results(p.cells, per_cell)
@@ -138,6 +143,14 @@ def run(
     merged = {k: v for k, v in merge_results(out_dir / "results.json", results).items() if k in keep}
     atomic_write(out_dir / "results.json", json.dumps(merged, indent=2))
     return results
+
+
+def _tracker(cfg, out_dir: Path):
+    if cfg.tracking != "mlflow":
+        return None
+    from taskfit.tracking import MlflowTracker
+
+    return MlflowTracker(cfg.name, out_dir, cfg.tracking_uri)
 
 
 def _load(model: ModelConfig) -> LM:

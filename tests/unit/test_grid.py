@@ -86,3 +86,19 @@ def test_same_model_in_two_dtypes_gets_two_slugs():
 def test_one_and_many_conflict(project, head, key):
     with pytest.raises(TaskfitError, match=re.escape(key)):
         taskfit.load_experiment(_yaml(project, head))
+
+
+def test_mlflow_tracking_logs_every_cell(project, fake_lm):
+    from mlflow.tracking import MlflowClient
+
+    text = (project / "mc.yaml").read_text().replace("runs:", "seeds: [0, 1]\ntracking: mlflow\nruns:")
+    (project / "tracked.yaml").write_text(text)
+    results = taskfit.run(project / "tracked.yaml", out=project / "out", lm=fake_lm())
+    client = MlflowClient(tracking_uri=(project / "out" / "mlruns").resolve().as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("mc").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["zero seed 0", "zero seed 1"]
+    logged = {r.data.params["seed"]: r.data.metrics["accuracy"] for r in runs}
+    assert logged == {str(s): results["zero"]["per_seed"][str(s)]["accuracy"] for s in (0, 1)}
+    assert runs[0].data.params["config.prompt.template"].startswith("Question:")
+    artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    assert artifacts == {"manifest.json", "predictions.jsonl"}
