@@ -8,7 +8,15 @@ import torch
 from helpers.tiny import build_tiny_model
 from taskfit.config import ModelConfig
 from taskfit.models.base import GenerationRequest
-from taskfit.models.generation import Detokenizer, Generator, draw, filter_logits, find_stop, nucleus
+from taskfit.models.generation import (
+    Detokenizer,
+    Generator,
+    draw,
+    filter_logits,
+    find_stop,
+    nucleus,
+    sample_seed,
+)
 from taskfit.models.hf import HFLM
 
 PROMPTS = ["Question: What does the fox do? Answer:", "Review: the food was cold.", "", "How would Jordan feel?"]
@@ -75,8 +83,9 @@ def test_different_seeds_give_different_samples(lm):
     one, two = lm.generate([sampled(PROMPTS[0], seed=0), sampled(PROMPTS[0], seed=1)])
     assert len(set(one)) > 1 and len(set(two)) > 1
     assert one != two
-    other_context = lm.generate([sampled(PROMPTS[0] + " ", seed=0)])[0]
-    assert other_context != one
+    # each sample has its own stream, from the seed, its index and the context text
+    seeds = {sample_seed(s, i, c) for s in (0, 1) for i in (0, 1) for c in ("a", "b")}
+    assert len(seeds) == 8 and sample_seed(0, 0, "a") == sample_seed(0, 0, "a")
 
 
 def test_single_sample_with_temperature(lm):

@@ -267,3 +267,21 @@ def test_cot_demo_without_rationale_names_the_row(yesno, tmp_path):
         taskfit.experiment.plan(
             yesno('template: "Q: {{ question }}\\nA: {{ answer }}"\nshots: 1\nchain_of_thought: true')
         )
+
+
+def test_spread_over_templates_and_seeds_splits_the_variance(yesno, tmp_path):
+    path = yesno(TEMPLATES + "combine: each\nshots: 1\ndemos: random", extra="seeds: [0, 1, 2]\n")
+    results = taskfit.run(path, out=tmp_path / "out", lm=ScriptedLM(score=_template_bias))
+    shares = results["r"]["variance_shares"]["accuracy"]
+    assert set(shares) == {"variant", "seed", "residual"}
+    assert shares["variant"] + shares["seed"] + shares["residual"] == pytest.approx(1.0)
+    assert shares["variant"] > 0.5  # the templates differ far more than the demo draws here
+
+
+def test_report_shows_the_spread_section(yesno, tmp_path):
+    from taskfit.report import write_report
+
+    path = yesno(TEMPLATES + "combine: each", extra="seeds: [0, 1]\n")
+    taskfit.run(path, out=tmp_path / "out", lm=ScriptedLM(score=_template_bias))
+    html = write_report(tmp_path / "out").read_text()
+    assert 'id="spread"' in html and "share of variance" in html and "variant 100%" in html

@@ -42,4 +42,24 @@ def spread(variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out[name] = statistics.fmean(values)
         out[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         out[f"{name}_min"], out[f"{name}_max"] = min(values), max(values)
+    shares = _variance_shares(variants)
+    if shares:
+        out["variance_shares"] = shares
+    return out
+
+
+def _variance_shares(variants: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per metric, which source of randomness explains how much of the spread: the variant
+    (template / demonstration set) or the seed. Only meaningful with several seeds."""
+    from taskfit.evaluation.statistics import variance_decomposition
+
+    if not all("per_seed" in v for v in variants.values()):
+        return {}
+    first = next(iter(variants.values()))
+    out = {}
+    for name, value in next(iter(first["per_seed"].values())).items():
+        if name == "n" or not isinstance(value, float | int):
+            continue
+        values = {(label, seed): m[name] for label, v in variants.items() for seed, m in v["per_seed"].items()}
+        out[name] = variance_decomposition(values, ("variant", "seed"))
     return out

@@ -31,10 +31,13 @@ def metric_cell(result: dict[str, Any], metric: str) -> str:
     if metric not in result:
         return DASH
     if f"{metric}_std" in result:
-        seeds = len(result.get("seeds") or result.get("per_seed") or [])
+        if result.get("variants"):
+            spread_of = f"{len(result['variants'])} variants"
+        else:
+            spread_of = f"{len(result.get('seeds') or result.get('per_seed') or [])} seeds"
         low, high = result.get(f"{metric}_min"), result.get(f"{metric}_max")
         span = f", {num(low)}–{num(high)}" if low is not None and high is not None else ""
-        return f"{num(result[metric])} ± {num(result[metric + '_std'])} ({seeds} seeds{span})"
+        return f"{num(result[metric])} ± {num(result[metric + '_std'])} ({spread_of}{span})"
     if f"{metric}_ci95" in result:
         return f"{num(result[metric])} {interval(result[metric + '_ci95'])}"
     return num(result[metric])

@@ -27,6 +27,7 @@ def build_sections(data: ReportData) -> list[Section]:
         learning_section,
         cost_section,
         seed_section,
+        spread_section,
         errors_section,
     ]
     return [s for s in (build(data, metric) for build in builders) if s is not None]
@@ -222,6 +223,36 @@ def seed_section(data: ReportData, metric: str) -> Section | None:
     return Section(
         "sensitivity", "Sensitivity to the seed", [Figure("seed-spread", f"{metric} across seeds", png, caption)]
     )
+
+
+def spread_section(data: ReportData, metric: str) -> Section | None:
+    """Runs with several templates or demonstration sets: the spread a single number hides,
+    and how much of it each source of randomness explains (with several seeds)."""
+    spreads = [g for g in data.groups if g.result.get("variants")]
+    if not spreads:
+        return None
+    rows = []
+    for g in spreads:
+        r = g.result
+        shares = r.get("variance_shares", {}).get(metric, {})
+        share = ", ".join(f"{k} {v:.0%}" for k, v in shares.items()) or DASH
+        rows.append(
+            [
+                g.label,
+                str(len(r["variants"])),
+                num(r.get(metric)),
+                num(r.get(f"{metric}_std")),
+                f"{num(r.get(f'{metric}_min'))}–{num(r.get(f'{metric}_max'))}",
+                share,
+            ]
+        )
+    columns = ["run", "variants", f"mean {metric}", "std", "min–max", "share of variance"]
+    intro = Text(
+        "Each variant is one template (`combine: each`) or one draw of demonstrations (`demo_sets`). "
+        "The share of variance splits the spread between variants and seeds (main effects; the rest is residual)."
+    )
+    table = Table(columns, rows, "spread", numeric=[False, True, True, True, False, False])
+    return Section("spread", "Spread across templates and demonstrations", [intro, table])
 
 
 def errors_section(data: ReportData, metric: str) -> Section | None:
