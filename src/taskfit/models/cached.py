@@ -24,23 +24,19 @@ class CachedLM:
         return self.lm.chat(user_message)
 
     def loglikelihood(self, requests: list[Request]) -> list[float]:
+        return self._through_cache(requests, self.lm.loglikelihood)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[list[str]]:
+        return [list(texts) for texts in self._through_cache(requests, self.lm.generate)]
+
+    def _through_cache(self, requests: list, compute) -> list:
+        """Results from the cache; the rest computed in one call (in first-seen order) and remembered."""
         wanted = list(dict.fromkeys(requests))
         known = {r: self.cache.get(r) for r in wanted}
         missing = [r for r, v in known.items() if v is None]
         if missing:
-            fresh = dict(zip(missing, self.lm.loglikelihood(missing)))
+            fresh = dict(zip(missing, compute(missing)))
             self.cache.add(fresh)
             known.update(fresh)
             self.computed += len(missing)
         return [known[r] for r in requests]
-
-    def generate(self, requests: list[GenerationRequest]) -> list[list[str]]:
-        wanted = list(dict.fromkeys(requests))
-        known = {r: self.cache.get(r) for r in wanted}
-        missing = [r for r, v in known.items() if v is None]
-        if missing:
-            fresh = dict(zip(missing, self.lm.generate(missing)))
-            self.cache.add(fresh)
-            known.update(fresh)
-            self.computed += len(missing)
-        return [list(known[r]) for r in requests]
