@@ -111,7 +111,7 @@ def write_cell(cell: Cell, task: Task, rows, model_identity, extra, out_dir, roo
         "demo_set": cell.demo_set,
         "train_size": cell.train_size,
         "model": model_identity,
-        "task": {"type": task.type, "labels": list(task.labels or [])},
+        "task": {"type": task.type, "labels": list(task.labels or []), "tags": list(getattr(task, "tags", None) or [])},
         "metrics": metrics,
         "examples": len(rows),
         "wall_time_s": round(time.perf_counter() - start, 3),

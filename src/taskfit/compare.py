@@ -48,6 +48,9 @@ def _pairs(cells: list[CellResult]) -> list[tuple[CellResult, CellResult]]:
 
 
 def _compare_pair(a: CellResult, b: CellResult, names: dict[int, str], resamples: int, seed: int) -> list[dict]:
+    kind = a.manifest.get("task", {}).get("type")
+    if kind in ("generation", "token_classification"):
+        return _compare_structured(kind, a, b, names, resamples, seed)
     gold, pred_a, pred_b, n_classes = _aligned(a, b, names)
     out = []
     for metric in _metrics(a):
@@ -79,8 +82,73 @@ def _compare_pair(a: CellResult, b: CellResult, names: dict[int, str], resamples
     return out
 
 
-def _aligned(a: CellResult, b: CellResult, names: dict[int, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Gold and both predictions as option indices, in one item order."""
+def _compare_structured(kind: str, a: CellResult, b: CellResult, names, resamples: int, seed: int) -> list[dict]:
+    """Generation: per-example exact match, token F1 and ROUGE-L, paired bootstrap and
+    permutation over examples. Token classification: entity metrics over resampled sentences."""
+    rows_a, rows_b = _same_items(a, b, names)
+    ids = sorted(rows_a)
+    correct_a = np.array([bool(rows_a[i].get("correct")) for i in ids])
+    correct_b = np.array([bool(rows_b[i].get("correct")) for i in ids])
+    mdd = minimum_detectable_difference(len(ids), discordance=max(float(np.mean(correct_a != correct_b)), 1 / len(ids)))
+    base = {"a": names[id(a)], "b": names[id(b)], "seed": a.seed, "n": len(ids), "mdd": mdd}
+    if kind == "token_classification":
+        from taskfit.evaluation.token_metrics import paired_comparison
+
+        gold = [rows_a[i]["label"] for i in ids]
+        stats = paired_comparison(
+            gold,
+            [rows_a[i]["prediction"] for i in ids],
+            [rows_b[i]["prediction"] for i in ids],
+            resamples=resamples,
+            seed=seed,
+        )
+        return [
+            {
+                "metric": m,
+                **base,
+                **{k: st[k] for k in ("a_value", "b_value", "difference", "ci95", "p_value")},
+                "test": "paired_permutation",
+            }
+            for m, st in stats.items()
+        ]
+    return [
+        _per_example_row(metric, values, base, resamples, seed) for metric, values in _text_scores(rows_a, rows_b, ids)
+    ]
+
+
+def _text_scores(rows_a, rows_b, ids):
+    from taskfit.evaluation import text_metrics as tm
+
+    refs = [rows_a[i].get("references") or [rows_a[i]["label"]] for i in ids]
+    for name, fn in (("exact_match", tm.exact_match), ("token_f1", tm.token_f1), ("rouge_l", tm.rouge_l)):
+        va = np.asarray(fn([rows_a[i]["prediction"] for i in ids], refs), dtype=float)
+        vb = np.asarray(fn([rows_b[i]["prediction"] for i in ids], refs), dtype=float)
+        yield name, (va, vb)
+
+
+def _mean_metric(gold, values, n_classes):
+    """The mean of per-example scores (`values`), in the metric signature (gold unused)."""
+    return values.mean(axis=-1)
+
+
+def _per_example_row(metric: str, values, base: dict, resamples: int, seed: int) -> dict:
+    va, vb = values
+    dummy = np.zeros(len(va))
+    boot = paired_bootstrap(_mean_metric, dummy, va, vb, 0, resamples=resamples, seed=seed)
+    perm = paired_permutation_test(_mean_metric, dummy, va, vb, 0, resamples=resamples, seed=seed)
+    return {
+        "metric": metric,
+        **base,
+        "a_value": float(va.mean()),
+        "b_value": float(vb.mean()),
+        "difference": boot["difference"],
+        "ci95": boot["ci95"],
+        "p_value": perm["p_value"],
+        "test": "paired_permutation",
+    }
+
+
+def _same_items(a: CellResult, b: CellResult, names) -> tuple[dict, dict]:
     rows_a = {r["id"]: r for r in a.predictions}
     rows_b = {r["id"]: r for r in b.predictions}
     if rows_a.keys() != rows_b.keys():
@@ -90,6 +158,12 @@ def _aligned(a: CellResult, b: CellResult, names: dict[int, str]) -> tuple[np.nd
             f"same test items ({common} in common). Paired tests need the same items: run both on the same test "
             "split with the same --limit."
         )
+    return rows_a, rows_b
+
+
+def _aligned(a: CellResult, b: CellResult, names: dict[int, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Gold and both predictions as option indices, in one item order."""
+    rows_a, rows_b = _same_items(a, b, names)
     ids = sorted(rows_a)
     labels = a.manifest.get("task", {}).get("labels") or []
     index = {label: i for i, label in enumerate(labels)}

@@ -86,3 +86,33 @@ def test_seeds_pair_only_cells_of_the_same_seed(project, fake_lm):
     taskfit.run(project / "seeds.yaml", out=project / "s", lm=fake_lm(), only=["plain", "shots"])
     rows = [r for r in compare_cells(load_cells([project / "s"]))["comparisons"] if r["metric"] == "accuracy"]
     assert sorted((r["a"], r["b"]) for r in rows) == [("plain#seed0", "shots#seed0"), ("plain#seed1", "shots#seed1")]
+
+
+def _cell(tmp_path, name, kind, rows):
+    from taskfit.rundir import CellResult
+
+    manifest = {"run": name, "label": name, "seed": 0, "task": {"type": kind, "labels": []}, "metrics": {}}
+    return CellResult(tmp_path / name, manifest, rows)
+
+
+def test_generation_runs_compare_per_example_scores(tmp_path):
+    refs = ["paris", "blue", "seven", "a cat"]
+    good = [{"id": str(i), "label": r, "references": [r], "prediction": r, "correct": True} for i, r in enumerate(refs)]
+    bad = [{**row, "prediction": "no idea", "correct": False} for row in good]
+    rows = compare_cells([_cell(tmp_path, "good", "generation", good), _cell(tmp_path, "bad", "generation", bad)])
+    by_metric = {r["metric"]: r for r in rows["comparisons"]}
+    assert set(by_metric) == {"exact_match", "token_f1", "rouge_l"}
+    em = by_metric["exact_match"]
+    assert (em["a_value"], em["b_value"], em["difference"]) == (1.0, 0.0, 1.0)
+    assert em["ci95"] == [1.0, 1.0] and 0 < em["p_value"] <= 1
+
+
+def test_token_classification_runs_compare_entity_metrics(tmp_path):
+    gold = [["B-PER", "O"], ["B-LOC", "I-LOC"], ["O", "B-ORG"]]
+    a = [{"id": str(i), "label": g, "prediction": g, "correct": True} for i, g in enumerate(gold)]
+    b = [{**row, "prediction": ["O"] * len(row["label"]), "correct": False} for row in a]
+    rows = compare_cells(
+        [_cell(tmp_path, "a", "token_classification", a), _cell(tmp_path, "b", "token_classification", b)]
+    )
+    f1 = next(r for r in rows["comparisons"] if r["metric"] == "entity_f1")
+    assert f1["a_value"] == 1.0 and f1["b_value"] == 0.0 and f1["difference"] == 1.0

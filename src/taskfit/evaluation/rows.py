@@ -15,12 +15,16 @@ from taskfit.tasks import Task
 def row_metrics(task: Task, rows: list[dict[str, Any]], seed: int) -> dict[str, Any]:
     if task.type == "generation":
         out = _generation_metrics(rows, seed)
+    elif task.type == "token_classification":
+        from taskfit.evaluation.token_metrics import token_metrics
+
+        out = token_metrics([r["label"] for r in rows], [r["prediction"] for r in rows], seed=seed)
     else:
         out = _choice_metrics(task, rows, seed)
         if all("probabilities" in r for r in rows):
             # ECE of the label probabilities: a confidence that can be checked against correctness.
             out["ece"] = expected_calibration_error([r["probabilities"] for r in rows], [r["correct"] for r in rows])
-    for name in ("extraction_failed", "vote_agreement"):
+    for name in ("extraction_failed", "vote_agreement", "parse_failed"):
         if rows and all(name in r for r in rows):
             out[name] = fmean(r[name] for r in rows)
     return out

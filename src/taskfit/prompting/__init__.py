@@ -12,11 +12,16 @@ __all__ = ["Template", "build_strategy"]
 
 
 def build_strategy(cfg: PromptConfig, task: Task, seed: int, where: str, chat=None, templates: list[str] | None = None):
-    """The strategy of a prompt run: scoring (one template or an ensemble) or generating."""
+    """The strategy of a prompt run: scoring (one template or an ensemble), generating, or
+    (token classification) generating entity lines."""
     from taskfit.prompting.generative import GenerateStrategy
     from taskfit.prompting.strategy import ScoreStrategy
 
     templates = templates or cfg.template_list
+    if task.type == "token_classification":
+        from taskfit.prompting.entities import build_entity_strategy
+
+        return build_entity_strategy(cfg, task, seed, where, templates, chat)
     if cfg.calibrate != "none" and (cfg.generates or task.type == "generation"):
         what = "a generation task" if task.type == "generation" else "a generating run (chain of thought or sampling)"
         raise TaskfitError(f"{where}.calibrate: contextual calibration rescales option scores; {what} has none.")

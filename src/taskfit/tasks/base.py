@@ -9,7 +9,7 @@ from taskfit.config import Experiment, TaskConfig
 from taskfit.data import Example, read_records
 from taskfit.data.readers import Record
 from taskfit.errors import TaskfitError, did_you_mean
-from taskfit.tasks import classification, generation, multiple_choice
+from taskfit.tasks import classification, generation, multiple_choice, token_classification
 
 SPLITS = ("train", "dev", "test")
 
@@ -21,6 +21,8 @@ class Task:
     config: TaskConfig
     splits: dict[str, list[Example]]
     labels: tuple[str, ...] | None = None
+    tags: tuple[str, ...] | None = None
+    """Token classification: the tag set, in order (`O` first unless `task.tags` says otherwise)."""
 
     @property
     def type(self) -> str:
@@ -30,6 +32,8 @@ class Task:
     def metrics(self) -> tuple[str, ...]:
         if self.type == "generation":
             return ("exact_match", "token_f1", "rouge_l", "bleu", "chrf")
+        if self.type == "token_classification":
+            return ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")
         return ("accuracy", "macro_f1") if self.type == "classification" else ("accuracy",)
 
     def split(self, name: str) -> list[Example]:
@@ -47,12 +51,15 @@ def load_task(experiment: Experiment) -> Task:
     for rows in records.values():
         for source, row in rows:
             require_field(cfg.label, row, source, "task.label")
-    labels = None
+    labels = tags = None
     if cfg.type == "classification":
         labels = classification.label_space(cfg, records)
         build: Callable[[Record, str], Example] = lambda rec, split: classification.to_example(cfg, labels, rec, split)
     elif cfg.type == "generation":
         build = lambda rec, split: generation.to_example(cfg, rec, split)
+    elif cfg.type == "token_classification":
+        tags, origin = token_classification.tag_space(cfg, records)
+        build = lambda rec, split: token_classification.to_example(cfg, tags, rec, split, origin)
     else:
         build = lambda rec, split: multiple_choice.to_example(cfg, rec, split)
     splits = {}
@@ -60,7 +67,7 @@ def load_task(experiment: Experiment) -> Task:
         splits[split] = _with_unique_ids(
             [build(rec, split) for rec in rows], experiment.root / getattr(cfg.data, split)
         )
-    return Task(config=cfg, splits=splits, labels=tuple(labels) if labels else None)
+    return Task(config=cfg, splits=splits, labels=tuple(labels) if labels else None, tags=tuple(tags) if tags else None)
 
 
 def require_field(field: str, row: dict[str, Any], source: str, key: str) -> Any:
