@@ -1,0 +1,212 @@
+"""The one Trainer set-up every recipe uses: arguments, evaluation schedule, resume, throughput.
+
+Plain `transformers.Trainer` (no custom loop, no distribution code), so that
+`accelerate launch -m taskfit run ...` spreads a run over several GPUs unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from taskfit.config import FinetuneConfig
+from taskfit.finetuning.data import fingerprint
+
+log = logging.getLogger(__name__)
+
+MIN_EVALUATIONS = 4
+"""Short runs evaluate (and checkpoint) at least this often, so that best-model selection and
+early stopping have more than one or two points to choose from."""
+STAMP = "taskfit-job.json"
+
+
+def learning_rate(cfg: FinetuneConfig) -> float:
+    """LoRA trains few, freshly initialised weights and tolerates a 10x larger rate than full fine-tuning."""
+    if cfg.learning_rate is not None:
+        return cfg.learning_rate
+    return 5e-5 if cfg.method == "full" else 5e-4
+
+
+def evaluation_interval(n_train: int, cfg: FinetuneConfig, processes: int = 1) -> int:
+    """Optimizer steps between evaluations: once per epoch, more often on short runs."""
+    per_epoch = max(1, math.ceil(n_train / (cfg.batch_size * cfg.gradient_accumulation * processes)))
+    total = max(1, math.ceil(per_epoch * cfg.epochs))
+    return max(1, min(per_epoch, math.ceil(total / MIN_EVALUATIONS)))
+
+
+def uses_cpu(device: str) -> bool:
+    return device == "cpu" or not torch.cuda.is_available()
+
+
+def processes(device: str) -> Any:
+    """accelerate's view of the processes of this run (several under `accelerate launch`/torchrun).
+
+    `cpu=` must match what the Trainer will use: without it, CPU processes do not see each other."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=uses_cpu(device))
+
+
+def arguments(folder: Path, cfg: FinetuneConfig, seed: int, n_train: int, device: str, metric: str):
+    every = evaluation_interval(n_train, cfg, processes(device).num_processes)
+    return TrainingArguments(
+        output_dir=str(folder / "checkpoints"),
+        num_train_epochs=cfg.epochs,
+        learning_rate=learning_rate(cfg),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation,
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps (transformers 5)
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.scheduler,
+        eval_strategy="steps",
+        eval_steps=every,
+        save_strategy="steps",  # checkpoints must coincide with evaluations for load_best_model_at_end
+        save_steps=every,
+        logging_steps=every,
+        load_best_model_at_end=True,
+        metric_for_best_model=metric,
+        greater_is_better=True,
+        save_total_limit=2,  # the best and the latest: enough to resume and to pick the best
+        seed=seed,
+        data_seed=seed,
+        report_to=[],
+        use_cpu=uses_cpu(device),
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        train_sampling_strategy="group_by_length",  # batches of similar lengths: less padding per batch
+        include_num_input_tokens_seen="non_padding",
+        label_names=["labels"],
+    )
+
+
+@dataclass
+class TrainStats:
+    seconds: float
+    tokens: int
+    """Non-padding input tokens fed to the model during this call (a resumed run counts its own part)."""
+    resumed_from_step: int | None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Throughput(TrainerCallback):
+    """Time and tokens of this `train()` call, measured after a resumed state has been loaded."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.tokens0, self.step0 = time.perf_counter(), state.num_input_tokens_seen, state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = time.perf_counter() - self.start
+        self.tokens = state.num_input_tokens_seen - self.tokens0
+
+
+def make_trainer(
+    job: Any,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    train: list[dict],
+    dev: list[dict],
+    compute_metrics: Callable,
+    metric: str = "accuracy",
+    collator: Any = None,
+) -> Trainer:
+    """A Trainer on tokenized, unpadded features (lists of dicts with `labels`); padded per batch."""
+    args = arguments(job.folder, job.config, job.seed, len(train), job.model.device, metric)
+    callbacks: list[TrainerCallback] = [_Throughput()]
+    if job.config.early_stopping:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=job.config.early_stopping))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=dev,
+        processing_class=tokenizer,
+        data_collator=collator or DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; the run's own progress is enough
+    return trainer
+
+
+def prepare_checkpoints(folder: Path, stamp: dict[str, Any], device: str = "auto") -> bool:
+    """Whether `folder/checkpoints` holds a checkpoint of this very job to resume from.
+
+    Checkpoints of a different job (config, data or model changed) are removed: resuming them
+    would silently mix two runs. Under `accelerate launch` the main process decides."""
+    checkpoints = folder / "checkpoints"
+    stamp_file = checkpoints / STAMP
+    state = processes(device)
+    if state.is_main_process:
+        if checkpoints.exists() and not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp):
+            log.warning("%s: checkpoints of a different job; starting over", checkpoints)
+            shutil.rmtree(checkpoints)
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        stamp_file.write_text(json.dumps(stamp, indent=1))
+    state.wait_for_everyone()
+    return any(p.is_dir() for p in checkpoints.glob("checkpoint-*"))
+
+
+def train(
+    job: Any,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    train_set: list[dict],
+    dev_set: list[dict],
+    compute_metrics: Callable,
+    identity: dict[str, Any],
+    metric: str = "accuracy",
+    collator: Any = None,
+) -> tuple[Trainer, TrainStats]:
+    """Train on the features, resuming this job's latest checkpoint if there is one; on return
+    the Trainer's model holds the best checkpoint by the dev `metric`."""
+    stamp = {
+        "config": job.config.model_dump(mode="json"),
+        "seed": job.seed,
+        "model": identity,
+        "data": fingerprint(train_set, dev_set),
+    }
+    resume = prepare_checkpoints(
+        job.folder, stamp, job.model.device
+    )  # before the Trainer: it creates its output folder
+    trainer = make_trainer(job, model, tokenizer, train_set, dev_set, compute_metrics, metric, collator)
+    throughput = next(c for c in trainer.callback_handler.callbacks if isinstance(c, _Throughput))
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    stats = TrainStats(throughput.seconds, int(throughput.tokens), throughput.step0 if resume else None)
+    return trainer, stats
+
+
+def remove_checkpoints(folder: Path) -> None:
+    """After a successful export the checkpoints only take disk space (a full-model checkpoint
+    holds the weights and twice their size in optimizer state)."""
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+
+
+def evaluations(trainer: Trainer, metric: str) -> list[dict[str, float]]:
+    """The dev metric and loss at each evaluation, for the manifest (a learning curve)."""
+    key = f"eval_{metric}"
+    return [
+        {"step": e["step"], "epoch": round(e.get("epoch", 0.0), 4), metric: e[key], "loss": e.get("eval_loss")}
+        for e in trainer.state.log_history
+        if key in e
+    ]

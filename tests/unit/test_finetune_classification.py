@@ -1,0 +1,286 @@
+"""Classification fine-tuning on tiny models built from configs: full and LoRA, encoder and
+decoder; merge check and export; seeds, resume, and the errors users can hit."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers.tiny import build_tiny_model
+from helpers.tiny_encoder import build_tiny_encoder, build_tiny_xlnet
+from taskfit.config import ModelConfig, TaskConfig, load_experiment
+from taskfit.errors import TaskfitError
+from taskfit.finetuning import FinetuneJob, common, data, training
+from taskfit.finetuning.recipes import run
+from taskfit.tasks import Task, load_task
+
+LABELS = ["negative", "positive"]
+WORDS = {"positive": ["good", "great", "nice"], "negative": ["bad", "terrible", "awful"]}
+NOUNS = "food service room staff movie book film show meal trip day hotel place".split()
+FAST = {"epochs": 12, "batch_size": 8, "warmup_ratio": 0.0, "weight_decay": 0.0, "early_stopping": None}
+SETTINGS = {
+    "full": {**FAST, "method": "full", "learning_rate": 0.003},
+    "lora": {**FAST, "method": "lora", "learning_rate": 0.03, "r": 4},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine torch's spinning threads cost 100x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _rows(n: int, split: str, rng: random.Random) -> list[dict]:
+    out = []
+    for i in range(n):
+        label = LABELS[i % 2]
+        out.append(
+            {"id": f"{split}{i}", "text": f"the {rng.choice(NOUNS)} was {rng.choice(WORDS[label])}", "label": label}
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("finetune")
+    rng = random.Random(0)
+    for split, n in (("train", 64), ("test", 16)):
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(n, split, rng)))
+    build_tiny_encoder(root / "encoder")
+    build_tiny_model(root / "decoder")
+    build_tiny_xlnet(root / "xlnet")
+    return root
+
+
+def make_job(root: Path, folder: str, model: str = "encoder", **finetune) -> FinetuneJob:
+    name = f"exp-{folder}.yaml"
+    spec = {
+        "name": "ft",
+        "task": {
+            "type": "classification",
+            "data": {"train": "train.jsonl", "test": "test.jsonl"},
+            "dev_fraction": 0.25,
+        },
+        "runs": {"ft": {"finetune": finetune}},
+    }
+    (root / name).write_text(json.dumps(spec))  # JSON is YAML
+    experiment = load_experiment(root / name)
+    task = load_task(experiment)
+    return FinetuneJob(
+        task=task,
+        config=experiment.config.runs["ft"].finetune,
+        model=ModelConfig(name=str(root / model)),
+        seed=0,
+        test=task.split("test"),
+        folder=root / folder,
+        where="runs.ft.finetune",
+    )
+
+
+@pytest.fixture(scope="module")
+def results(root):
+    """Each (model, method) trained once, on demand, shared by the tests below."""
+    cache = {}
+
+    def get(model: str, method: str):
+        if (model, method) not in cache:
+            cache[model, method] = run(make_job(root, f"{model}-{method}", model, **SETTINGS[method]))
+        return cache[model, method]
+
+    return get
+
+
+@pytest.mark.parametrize("model", ["encoder", "decoder"])
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_training_learns_and_rows_are_well_formed(root, results, model, method):
+    result = results(model, method)
+    assert sum(r["correct"] for r in result.rows) / len(result.rows) >= 0.85
+    assert [r["id"] for r in result.rows] == [f"test{i}" for i in range(16)]
+    for row in result.rows:
+        assert set(row) == {"id", "label", "prediction", "correct", "scores", "probabilities", "prompt"}
+        assert row["label"] in LABELS and row["prediction"] in LABELS
+        assert row["correct"] == (row["label"] == row["prediction"])
+        assert len(row["scores"]) == len(row["probabilities"]) == 2
+        assert sum(row["probabilities"]) == pytest.approx(1.0, abs=1e-6)
+        assert row["prediction"] == LABELS[max(range(2), key=row["scores"].__getitem__)]
+        assert row["prompt"].startswith("the ")
+    info = result.info
+    assert info["train_examples"] == 48 and info["dev_examples"] == 16
+    assert info["best_dev_accuracy"] >= 0.85 and info["epochs_run"] > 0 and info["train_tokens_per_s"] > 0
+    assert info["peak_memory_mb"] > 0 and info["train_time_s"] > 0
+    assert info["train_tokens"] == 12 * _train_tokens(root, model)  # 12 epochs of non-padding tokens
+    if method == "lora":
+        assert info["trainable_parameters"] < info["total_parameters"] / 4
+    else:
+        assert info["trainable_parameters"] == info["total_parameters"]
+        assert info["merge_max_abs_diff"] is None
+    assert not (root / f"{model}-{method}" / "checkpoints").exists()  # removed after the export
+
+
+def _train_tokens(root: Path, model: str) -> int:
+    from transformers import AutoTokenizer
+
+    job = make_job(root, "count", model, **SETTINGS["full"])
+    train, _ = data.train_and_dev(job.task, job.seed, job.where, key=lambda ex: ex.gold)
+    tokenizer = AutoTokenizer.from_pretrained(root / model)
+    return sum(len(tokenizer(ex.fields["text"])["input_ids"]) for ex in train)
+
+
+@pytest.mark.parametrize("model", ["encoder", "decoder"])
+def test_merged_export_reloads_with_transformers_alone(root, results, model):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    result = results(model, "lora")
+    assert 0 <= result.info["merge_max_abs_diff"] < common.MERGE_TOLERANCE
+    folder = Path(result.info["model_folder"])
+    assert not (folder / "adapter_config.json").exists()  # a plain transformers folder, no peft needed
+    reloaded = AutoModelForSequenceClassification.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert reloaded.config.id2label == dict(enumerate(LABELS))
+    reloaded.eval()
+    for row in result.rows[:6]:
+        with torch.no_grad():
+            logits = reloaded(**tokenizer(row["prompt"], return_tensors="pt")).logits[0]
+        assert logits.tolist() == pytest.approx(row["scores"], abs=1e-5)
+        assert LABELS[int(logits.argmax())] == row["prediction"]
+
+
+def test_same_seed_gives_identical_rows(root, results):
+    again = run(make_job(root, "encoder-lora-again", **SETTINGS["lora"]))
+    first = results("encoder", "lora")
+    assert again.rows == first.rows
+    assert again.info["best_dev_accuracy"] == first.info["best_dev_accuracy"]
+    assert again.info["evaluations"] == first.info["evaluations"]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_from_its_checkpoint_to_the_same_result(root, results, monkeypatch):
+    from transformers import Trainer
+
+    save = Trainer._save_checkpoint
+
+    def save_then_die(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise Killed  # as if the process were killed right after its first checkpoint
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        run(make_job(root, "encoder-lora-killed", **SETTINGS["lora"]))
+    checkpoints = sorted((root / "encoder-lora-killed" / "checkpoints").glob("checkpoint-*"))
+    assert [p.name for p in checkpoints] == ["checkpoint-6"]  # 48 examples / 8 per batch, 12 epochs: every 6 steps
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save)
+
+    resumed = run(make_job(root, "encoder-lora-killed", **SETTINGS["lora"]))
+    uninterrupted = results("encoder", "lora")
+    assert resumed.info["resumed_from_step"] == 6
+    assert resumed.info["steps"] == uninterrupted.info["steps"]
+    assert resumed.info["evaluations"] == uninterrupted.info["evaluations"]
+    assert resumed.rows == uninterrupted.rows
+
+
+def test_checkpoints_of_another_job_are_not_resumed(tmp_path):
+    assert training.prepare_checkpoints(tmp_path, {"seed": 0}) is False
+    (tmp_path / "checkpoints" / "checkpoint-3").mkdir()
+    assert training.prepare_checkpoints(tmp_path, {"seed": 0}) is True
+    assert training.prepare_checkpoints(tmp_path, {"seed": 1}) is False
+    assert not (tmp_path / "checkpoints" / "checkpoint-3").exists()
+
+
+def test_lora_on_a_model_without_adaptable_layers_lists_its_layers(root):
+    with pytest.raises(TaskfitError) as err:
+        run(make_job(root, "xlnet-lora", "xlnet", **SETTINGS["lora"]))
+    message = str(err.value)
+    assert "runs.ft.finetune" in message and "xlnet" in message and "XLNetForSequenceClassification" in message
+    assert "target_modules" in message and "layer_1" in message and "method: full" in message
+
+
+def test_target_modules_that_match_nothing_list_the_layers(root):
+    with pytest.raises(TaskfitError) as err:
+        run(make_job(root, "encoder-bad-targets", **SETTINGS["lora"], target_modules=["q_proj"]))
+    message = str(err.value)
+    assert "['q_proj']" in message and "query" in message and "value" in message
+    assert "classifier" not in message.split("layers:")[1]  # the head is trained anyway; not a choice
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_qlora_without_a_gpu_says_what_it_needs(root):
+    with pytest.raises(TaskfitError, match=r"method: qlora.*CUDA GPU.*method: lora"):
+        run(make_job(root, "encoder-qlora", **SETTINGS["lora"] | {"method": "qlora"}))
+
+
+def test_other_task_types_are_not_available_yet(root):
+    job = make_job(root, "mc", **SETTINGS["lora"])
+    cfg = TaskConfig(type="multiple_choice", data={"test": "x.jsonl"}, choices="choices")
+    job.task = Task(config=cfg, splits={})
+    with pytest.raises(
+        TaskfitError, match="runs.ft.finetune: fine-tuning for multiple_choice tasks is not available yet"
+    ):
+        run(job)
+
+
+def test_qlora_export_path_merges_the_adapter_on_a_float32_copy(root):
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+
+    job = make_job(root, "float32-copy", **SETTINGS["lora"])
+    head = {"num_labels": 2, "id2label": dict(enumerate(LABELS)), "label2id": {n: i for i, n in enumerate(LABELS)}}
+    loaded = common.load(job, AutoModelForSequenceClassification, **head)
+    model = common.add_lora(job, loaded.model, "SEQ_CLS", loaded.heads)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)  # a trained-looking adapter (B starts at zero)
+    inputs, _ = data.tokenize(loaded.tokenizer, [("the food was good",), ("the room was awful",)], 32)
+    collator = DataCollatorWithPadding(loaded.tokenizer)
+    before = common.predict_logits(model, inputs, collator, 2)
+    copy = common.float32_base(job, model, AutoModelForSequenceClassification, **head)
+    merged, diff = common.merge_checked(job, copy, inputs, collator)
+    assert diff < common.MERGE_TOLERANCE
+    assert torch.allclose(common.predict_logits(merged, inputs, collator, 2), before, atol=1e-5)
+
+
+def test_dev_hold_out_is_stratified_seeded_and_keeps_every_class():
+    items = [("a", i) for i in range(30)] + [("b", i) for i in range(10)] + [("c", 0)]
+    kept, held = data.stratified_holdout(items, 0.2, seed=3, key=lambda x: x[0])
+    assert sorted(kept + held) == sorted(items)
+    assert [x[0] for x in held].count("a") == 6 and [x[0] for x in held].count("b") == 2
+    assert ("c", 0) in kept  # a class with one example stays in train
+    assert data.stratified_holdout(items, 0.2, seed=3, key=lambda x: x[0]) == (kept, held)
+    assert data.stratified_holdout(items, 0.2, seed=4, key=lambda x: x[0]) != (kept, held)
+
+
+def test_two_input_fields_are_read_as_a_text_pair(root):
+    from transformers import AutoTokenizer
+
+    cfg = TaskConfig(type="classification", data={"test": "x.jsonl"}, input=["premise", "hypothesis"])
+    task = Task(config=cfg, splits={}, labels=tuple(LABELS))
+    ex = type("Ex", (), {"fields": {"premise": "the food was good", "hypothesis": "nice"}, "source": "x:1"})()
+    parts = data.input_parts(task, ex, "runs.ft.finetune")
+    assert parts == ("the food was good", "nice") and data.prompt_of(parts) == "the food was good\nnice"
+    features, truncated = data.tokenize(AutoTokenizer.from_pretrained(root / "encoder"), [parts], 6)
+    assert truncated == 1 and len(features[0]["input_ids"]) == 6
+    assert features[0]["token_type_ids"][-2:] == [1, 1]  # the second text keeps a token after truncation
+    incomplete = type("Ex", (), {"fields": {"premise": "x"}, "source": "x:2"})()
+    with pytest.raises(TaskfitError, match="x:2: this row has no field 'hypothesis'"):
+        data.input_parts(task, incomplete, "runs.ft.finetune")
+
+
+def test_heads_are_found_by_name_or_by_weights_new_at_loading(root):
+    from transformers import AutoModelForSequenceClassification
+
+    for model, heads in (
+        ("encoder", ["classifier"]),
+        ("decoder", ["score"]),
+        ("xlnet", ["logits_proj", "sequence_summary"]),
+    ):
+        loaded = common.load(make_job(root, "heads", model, **SETTINGS["lora"]), AutoModelForSequenceClassification)
+        assert loaded.heads == heads  # LoRA trains them in full: a frozen random head cannot learn
