@@ -218,14 +218,12 @@ def test_qlora_without_a_gpu_says_what_it_needs(root):
         run(make_job(root, "encoder-qlora", **SETTINGS["lora"] | {"method": "qlora"}))
 
 
-def test_other_task_types_are_not_available_yet(root):
-    job = make_job(root, "mc", **SETTINGS["lora"])
-    cfg = TaskConfig(type="multiple_choice", data={"test": "x.jsonl"}, choices="choices")
-    job.task = Task(config=cfg, splits={})
-    with pytest.raises(
-        TaskfitError, match="runs.ft.finetune: fine-tuning for multiple_choice tasks is not available yet"
-    ):
-        run(job)
+def test_every_task_type_has_a_recipe():
+    from typing import get_args
+
+    from taskfit.finetuning.recipes import RECIPES
+
+    assert set(RECIPES) == set(get_args(TaskConfig.model_fields["type"].annotation))
 
 
 def test_qlora_export_path_merges_the_adapter_on_a_float32_copy(root):

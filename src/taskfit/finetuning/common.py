@@ -241,7 +241,9 @@ def predict_logits(model: nn.Module, features: list[dict], collator: Any, batch_
     """Logits of the head for each feature, in input order: (N, ...) float32 on the CPU.
 
     Batches hold similar lengths (sorted), so little padding is computed; padding is masked,
-    so the logits do not depend on the batch layout (up to float rounding)."""
+    so the logits do not depend on the batch layout (up to float rounding). Per-token logits
+    (N, L, C) or per-choice logits (N, choices) are padded with zeros past each batch's own
+    length to the longest batch's: a feature's positions past its own length are not its own."""
     if not features:
         return torch.empty(0)
     model.eval()
@@ -253,10 +255,18 @@ def predict_logits(model: nn.Module, features: list[dict], collator: Any, batch_
             [{k: v for k, v in features[i].items() if k != "labels"} for i in order[start : start + batch_size]]
         )
         chunks.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu())
-    logits = torch.cat(chunks)
+    logits = _concat(chunks)
     out = torch.empty_like(logits)
     out[torch.tensor(order)] = logits
     return out
+
+
+def _concat(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """Batches of logits along dim 0, zero-padded on dim 1 where batches differ in length there."""
+    if len({c.shape[1:] for c in chunks}) == 1:
+        return torch.cat(chunks)
+    width = max(c.shape[1] for c in chunks)
+    return torch.cat([nn.functional.pad(c, (0, 0) * (c.dim() - 2) + (0, width - c.shape[1])) for c in chunks])
 
 
 def merge_checked(job: Any, model: nn.Module, features: list[dict], collator: Any) -> tuple[nn.Module, float]:

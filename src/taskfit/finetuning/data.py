@@ -21,8 +21,9 @@ Parts = tuple[str, ...]
 """The text of one input: one string, or two (a text pair: premise/hypothesis, question/passage)."""
 
 
-def input_parts(task: Task, example: Example, where: str) -> Parts:
-    """The fields of `task.input` (one, or two as a pair); by default every text field but id and label."""
+def input_parts(task: Task, example: Example, where: str, skip: Sequence[str] = ()) -> Parts:
+    """The fields of `task.input` (one, or two as a pair); by default every text field but id, label
+    and the fields in `skip` (a multiple-choice task's option fields)."""
     cfg = task.config
     if cfg.input:
         if len(cfg.input) > 2:
@@ -37,7 +38,7 @@ def input_parts(task: Task, example: Example, where: str) -> Parts:
                 f"Fields present: {', '.join(map(str, example.fields))}."
             )
         return tuple("" if example.fields[f] is None else str(example.fields[f]) for f in cfg.input)
-    skip = {cfg.id, cfg.label}
+    skip = {cfg.id, cfg.label, *skip}
     texts = [v for k, v in example.fields.items() if k not in skip and isinstance(v, str)]
     if not texts:
         raise TaskfitError(

@@ -97,4 +97,31 @@ def _rows(job: FinetuneJob, labels: list[str], logits: torch.Tensor, inputs: lis
     return rows
 
 
-RECIPES: dict[str, Callable[[FinetuneJob], FinetuneResult]] = {"classification": classification}
+def _multiple_choice(job: FinetuneJob) -> FinetuneResult:
+    """Encoders get a multiple-choice head; decoder LMs learn the gold option as the
+    continuation of the prompt template and are scored like a prompted model."""
+    from taskfit.finetuning import causal
+    from taskfit.finetuning import multiple_choice as mc
+    from taskfit.models.registry import resolve
+
+    return mc.multiple_choice(job) if mc.is_encoder(resolve(job.model.name).path) else causal.multiple_choice(job)
+
+
+def _generation(job: FinetuneJob) -> FinetuneResult:
+    from taskfit.finetuning import causal
+
+    return causal.generation(job)
+
+
+def _token_classification(job: FinetuneJob) -> FinetuneResult:
+    from taskfit.finetuning.token_classification import token_classification
+
+    return token_classification(job)
+
+
+RECIPES: dict[str, Callable[[FinetuneJob], FinetuneResult]] = {
+    "classification": classification,
+    "multiple_choice": _multiple_choice,
+    "generation": _generation,
+    "token_classification": _token_classification,
+}

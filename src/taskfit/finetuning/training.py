@@ -129,8 +129,12 @@ def make_trainer(
     compute_metrics: Callable,
     metric: str = "accuracy",
     collator: Any = None,
+    preprocess_logits: Callable | None = None,
 ) -> Trainer:
-    """A Trainer on tokenized, unpadded features (lists of dicts with `labels`); padded per batch."""
+    """A Trainer on tokenized, unpadded features (lists of dicts with `labels`); padded per batch.
+
+    `preprocess_logits(logits, labels)` shrinks each eval batch's logits before they are gathered
+    (a causal LM's (B, T, V) logits over a whole dev split would not fit in memory)."""
     args = arguments(job.folder, job.config, job.seed, len(train), job.model.device, metric)
     callbacks: list[TrainerCallback] = [_Throughput()]
     if job.config.early_stopping:
@@ -144,6 +148,7 @@ def make_trainer(
         data_collator=collator or DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
         callbacks=callbacks,
+        preprocess_logits_for_metrics=preprocess_logits,
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the run's own progress is enough
     return trainer
@@ -177,6 +182,7 @@ def train(
     identity: dict[str, Any],
     metric: str = "accuracy",
     collator: Any = None,
+    preprocess_logits: Callable | None = None,
 ) -> tuple[Trainer, TrainStats]:
     """Train on the features, resuming this job's latest checkpoint if there is one; on return
     the Trainer's model holds the best checkpoint by the dev `metric`."""
@@ -189,7 +195,9 @@ def train(
     resume = prepare_checkpoints(
         job.folder, stamp, job.model.device
     )  # before the Trainer: it creates its output folder
-    trainer = make_trainer(job, model, tokenizer, train_set, dev_set, compute_metrics, metric, collator)
+    trainer = make_trainer(
+        job, model, tokenizer, train_set, dev_set, compute_metrics, metric, collator, preprocess_logits
+    )
     throughput = next(c for c in trainer.callback_handler.callbacks if isinstance(c, _Throughput))
     trainer.train(resume_from_checkpoint=True if resume else None)
     stats = TrainStats(throughput.seconds, int(throughput.tokens), throughput.step0 if resume else None)

@@ -1,0 +1,274 @@
+"""Recipes for decoder (causal) LMs: generation SFT and multiple choice, with the shape of the
+classification recipe (setup → train → evaluate → save).
+
+Both train on `prompt + answer` with the loss on the answer tokens only (labels -100 on the
+prompt). The prompt is `finetune.template` rendered with the example, as in prompting, so a
+fine-tuned model reads what a prompted one would. Pairs are tokenized as the scorer
+(`HFLM._encode_pair`, after lm-evaluation-harness) does: trailing spaces of the prompt move
+into the answer, and no special tokens are added; so training, generation and scoring agree.
+
+Dev metric (both recipes): `token_accuracy`, the share of answer tokens that are the greedy
+(argmax) token under teacher forcing, computed from the Trainer's eval pass on the dev split.
+It is cheap (no decoding) and an answer with all its tokens right is exactly what greedy
+decoding produces; `exact_match` (all tokens right) is logged next to it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from taskfit.data import Example
+from taskfit.finetuning import FinetuneJob, FinetuneResult, common, training
+from taskfit.prompting.template import Rendered, Template
+
+log = logging.getLogger(__name__)
+
+METRIC = "token_accuracy"
+MARGIN_TOKENS = 8
+"""Generation: new tokens allowed beyond the longest training answer."""
+MC_DEFAULT = "Question: {{ question }}\nAnswer: {{ answer }}"
+
+
+@dataclass
+class Pair:
+    prompt: str
+    """The text before the answer (chat-wrapped when `chat: true`), as the model reads it."""
+    answer: str
+    """What is trained on: the answer (plus the template's text after it)."""
+
+
+def generation(job: FinetuneJob) -> FinetuneResult:
+    """Supervised fine-tuning on prompt → target; test predictions by greedy decoding."""
+    from transformers import AutoModelForCausalLM
+
+    # setup
+    prepared = common.prepare(job, AutoModelForCausalLM, "CAUSAL_LM", stratify=lambda ex: 0)
+    tokenizer = prepared.loaded.tokenizer
+    prompter = Prompter(job, tokenizer)
+    pairs = {s: [prompter.pair(ex) for ex in exs] for s, exs in (("train", prepared.train), ("dev", prepared.dev))}
+    features, truncated = {}, 0
+    for split, ps in pairs.items():
+        features[split], cut = encode_all(tokenizer, ps, prepared.max_length, eos=True, joint=False)
+        truncated += cut
+    masked = masked_example(tokenizer, features["train"][0])
+    # train
+    trainer, stats = _train(job, prepared, features)
+    # evaluate
+    final, merge_diff = common.final_model(job, trainer, prepared, probe=features["dev"] + features["train"])
+    longest = max(sum(1 for x in f["labels"] if x != -100) for f in features["train"])
+    rows = _generate(job, prompter, final, tokenizer, prepared.max_length, longest + MARGIN_TOKENS)
+    # save
+    info = _info(job, trainer, prepared, stats, final, merge_diff, truncated, masked)
+    info.update(max_new_tokens=longest + MARGIN_TOKENS, model_folder=str(common.save(job, trainer, final, tokenizer)))
+    return FinetuneResult(rows=rows, info=info)
+
+
+def multiple_choice(job: FinetuneJob) -> FinetuneResult:
+    """Train on the correct option as the continuation of the prompt; predict with the prompting
+    scorer (`HFLM.loglikelihood`), so the fine-tuned model is evaluated like a prompted one."""
+    from transformers import AutoModelForCausalLM
+
+    from taskfit.models.hf import HFLM
+
+    prepared = common.prepare(job, AutoModelForCausalLM, "CAUSAL_LM", stratify=lambda ex: ex.gold)
+    tokenizer = prepared.loaded.tokenizer
+    prompter = Prompter(job, tokenizer)
+    features, truncated = {}, 0
+    for split, exs in (("train", prepared.train), ("dev", prepared.dev)):
+        features[split], cut = encode_all(tokenizer, [prompter.pair(ex) for ex in exs], prepared.max_length)
+        truncated += cut
+    masked = masked_example(tokenizer, features["train"][0])
+    trainer, stats = _train(job, prepared, features)
+    final, merge_diff = common.final_model(job, trainer, prepared, probe=features["dev"] + features["train"])
+    lm = HFLM(final, tokenizer, prepared.loaded.identity)
+    rows = mc_rows(job.test, [prompter.context(ex) for ex in job.test], lm)
+    info = _info(job, trainer, prepared, stats, final, merge_diff, truncated, masked)
+    info.update(model_folder=str(common.save(job, trainer, final, tokenizer)))
+    return FinetuneResult(rows=rows, info=info)
+
+
+class Prompter:
+    """The prompt of an example: `finetune.template` (or a default) rendered, chat-wrapped if asked."""
+
+    def __init__(self, job: FinetuneJob, tokenizer: Any):
+        self.job, self.tokenizer = job, tokenizer
+        where = f"{job.where}.template"
+        source = job.config.template
+        if source is None and job.task.type == "multiple_choice" and _has_question(job):
+            source = MC_DEFAULT
+        self.template = Template(source, where) if source is not None else None
+        if job.config.chat and not getattr(tokenizer, "chat_template", None):
+            from taskfit.errors import TaskfitError
+
+            raise TaskfitError(f"{job.where}.chat: model '{job.model.name}' has no chat template; set `chat: false`.")
+
+    def render(self, example: Example) -> Rendered:
+        if self.template is not None:
+            return self.template.render(example)
+        text = input_text(self.job.task, example)
+        return Rendered(text + ("\nAnswer: " if self.job.task.type == "multiple_choice" else "\n"), "")
+
+    def context(self, example: Example) -> Rendered:
+        """`before` as the model reads it (chat-wrapped), and `after`."""
+        rendered = self.render(example)
+        if not self.job.config.chat:
+            return rendered
+        messages = [{"role": "user", "content": rendered.before.rstrip()}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return Rendered(text, rendered.after)
+
+    def pair(self, example: Example) -> Pair:
+        ctx = self.context(example)
+        return Pair(ctx.before, example.gold_text + ctx.after)
+
+
+def _has_question(job: FinetuneJob) -> bool:
+    examples = job.task.split("train") or job.test
+    return bool(examples) and all("question" in ex.fields for ex in examples)
+
+
+def input_text(task: Any, example: Example) -> str:
+    """The fields of `task.input`, else every text field but the id, the label and the options, one a line."""
+    cfg = task.config
+    if cfg.input:
+        return "\n".join("" if example.fields.get(f) is None else str(example.fields[f]) for f in cfg.input)
+    choices = cfg.choices if isinstance(cfg.choices, list) else [cfg.choices]
+    skip = {cfg.id, cfg.label, *choices}
+    return "\n".join(v for k, v in example.fields.items() if k not in skip and isinstance(v, str))
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str, joint: bool = True) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as `HFLM._encode_pair` makes them; `joint=False` encodes the
+    continuation on its own (what greedy decoding emits after the context, token by token)."""
+    stripped = context.rstrip(" ")
+    continuation = context[len(stripped) :] + continuation
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    if not stripped:
+        bos = tokenizer.bos_token_id
+        return [tokenizer.eos_token_id if bos is None else bos], encode(continuation)
+    ctx = encode(stripped)
+    return ctx, (encode(stripped + continuation)[len(ctx) :] if joint else encode(continuation))
+
+
+def encode_all(tokenizer, pairs: list[Pair], max_length: int, eos: bool = False, joint: bool = True):
+    """Features with labels -100 on the prompt; over-long ones lose prompt tokens from the left
+    (then answer tokens from the right). Returns the features and how many were cut."""
+    features, cut = [], 0
+    for p in pairs:
+        ctx, cont = encode_pair(tokenizer, p.prompt, p.answer, joint)
+        cont = cont + [tokenizer.eos_token_id] if eos else cont
+        excess = len(ctx) + len(cont) - max_length
+        if excess > 0:
+            cut += 1
+            ctx = ctx[min(excess, len(ctx) - 1) :]
+            cont = cont[: max_length - len(ctx)]
+        ids = ctx + cont
+        features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(ctx) + cont})
+    return features, cut
+
+
+def masked_example(tokenizer: Any, feature: dict) -> str:
+    """`[prompt]answer`: the bracketed part is masked (no loss), the rest is trained on; logged."""
+    ids, labels = feature["input_ids"], feature["labels"]
+    n = sum(1 for x in labels if x == -100)
+    shown = f"[{tokenizer.decode(ids[:n])}]{tokenizer.decode(ids[n:])}"
+    log.info("first training example, [masked prompt] then the trained tokens:\n%s", shown)
+    return shown
+
+
+def _train(job: FinetuneJob, prepared: common.Prepared, features: dict) -> tuple[Any, training.TrainStats]:
+    from transformers import DataCollatorForSeq2Seq
+
+    tokenizer = prepared.loaded.tokenizer
+    pad = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+
+    def collator(features: list[dict]) -> dict:
+        # Without labels (the merge check's probe) DataCollatorForSeq2Seq returns labels=None.
+        return {k: v for k, v in pad(features).items() if v is not None}
+
+    return training.train(
+        job,
+        prepared.model,
+        tokenizer,
+        features["train"],
+        features["dev"],
+        answer_metrics,
+        prepared.loaded.identity,
+        metric=METRIC,
+        collator=collator,
+        preprocess_logits=greedy_hits,
+    )
+
+
+def greedy_hits(logits: Any, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T-1): 1 where the argmax at a position is the next label token (labels as given, unshifted)."""
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return (logits[:, :-1].argmax(-1) == labels[:, 1:]).float()
+
+
+def answer_metrics(eval_pred: Any) -> dict[str, float]:
+    """Token accuracy over the answer tokens, and the share of answers with every token right."""
+    hits = np.asarray(eval_pred.predictions)
+    labels = np.asarray(eval_pred.label_ids)[:, 1:]
+    width = min(hits.shape[1], labels.shape[1])  # both are padded to the longest batch (-100)
+    hits, mask = hits[:, :width], labels[:, :width] != -100
+    correct = (hits == 1) & mask
+    whole = [bool(c[m].all()) for c, m in zip(correct, mask)]
+    return {METRIC: float(correct.sum() / max(mask.sum(), 1)), "exact_match": float(np.mean(whole))}
+
+
+def _generate(job, prompter: Prompter, model, tokenizer, max_length: int, max_new: int) -> list[dict]:
+    from taskfit.models.base import GenerationRequest
+    from taskfit.models.generation import Generator
+
+    model.eval()
+    generator = Generator(model, tokenizer, max_length)
+    rows = []
+    for ex in job.test:
+        ctx = prompter.context(ex)
+        stop = ("\n",) if ctx.after.startswith("\n") else ()
+        # The trailing spaces of the prompt were trained as part of the answer (see `encode_pair`).
+        request = GenerationRequest(ctx.before.rstrip(" "), max_new_tokens=max_new, stop=stop, seed=job.seed)
+        text = generator.generate([request])[0][0]
+        rows.append(
+            {
+                "id": ex.id,
+                "label": ex.gold_text,
+                "references": list(ex.options),
+                "prediction": text.strip(),
+                "generations": [text],
+                "prompt": ctx.before,
+            }
+        )
+    return rows
+
+
+def mc_rows(examples: list[Example], contexts: list[Rendered], lm: Any) -> list[dict]:
+    """Rows like a prompted multiple-choice run's: each option scored as the prompt's continuation."""
+    from taskfit.models.base import Request
+    from taskfit.prompting.strategy import answer_fields, argmax, softmax
+
+    requests = [[Request(c.before, o + c.after) for o in ex.options] for ex, c in zip(examples, contexts)]
+    flat = [r for per in requests for r in per]
+    scores = iter(lm.loglikelihood(flat))
+    rows = []
+    for ex, c, per in zip(examples, contexts, requests):
+        raw = [next(scores) for _ in per]
+        probs = softmax(raw)
+        row = answer_fields(ex, argmax(probs), False)
+        rows.append({**row, "scores": raw, "probabilities": probs, "prompt": c.before})
+    return rows
+
+
+def _info(job, trainer, prepared, stats, final, merge_diff, truncated: int, masked: str) -> dict:
+    info = common.info(job, trainer, prepared, stats, final, merge_diff)
+    info.update(truncated_inputs=truncated, masked_example=masked, dev_metric=f"{METRIC} (teacher-forced, answer only)")
+    return info

@@ -1,0 +1,228 @@
+"""Causal-LM fine-tuning on a tiny Llama built from a config: generation SFT (loss masked to the
+answer) and multiple choice scored like a prompted run; export, merge check and seeds."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers.tiny import build_tiny_model
+from taskfit.config import ModelConfig, load_experiment
+from taskfit.evaluation.text_metrics import exact_match
+from taskfit.finetuning import FinetuneJob, causal, common
+from taskfit.models.base import Request
+from taskfit.tasks import load_task
+
+torch.set_num_threads(1)  # tiny models gain nothing from threads; the machine is busy
+
+WORDS = "fox dog food cold lazy quick brown great".split()
+COLOUR = dict(zip(WORDS, ["red", "green", "blue", "red", "green", "blue", "red", "green"]))
+FAST = {"batch_size": 8, "warmup_ratio": 0.0, "weight_decay": 0.0, "early_stopping": None}
+SETTINGS = {
+    "full": {**FAST, "method": "full", "learning_rate": 0.003, "epochs": 20},
+    "lora": {**FAST, "method": "lora", "learning_rate": 0.02, "r": 8, "epochs": 20},
+}
+GEN_TEMPLATE = "Word: {{ word }}\nCopy: {{ answer }}"
+
+
+def _generation_rows(split: str, n: int) -> list[dict]:
+    return [{"id": f"{split}{i}", "word": WORDS[i % 8], "copy": WORDS[i % 8]} for i in range(n)]
+
+
+def _mc_rows(split: str, n: int, rng: random.Random) -> list[dict]:
+    rows = []
+    for i in range(n):
+        word = WORDS[i % 8]
+        choices = ["red", "green", "blue"]
+        rng.shuffle(choices)
+        rows.append({"id": f"{split}{i}", "question": f"colour of {word}?", "choices": choices, "answer": COLOUR[word]})
+    return rows
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("causal")
+    rng = random.Random(0)
+    _write(root / "gen-train.jsonl", _generation_rows("train", 48))
+    _write(root / "gen-test.jsonl", _generation_rows("test", 8))
+    _write(root / "mc-train.jsonl", _mc_rows("train", 48, rng))
+    _write(root / "mc-test.jsonl", _mc_rows("test", 16, rng))
+    build_tiny_model(root / "decoder")
+    return root
+
+
+def make_job(root: Path, folder: str, kind: str, **finetune) -> FinetuneJob:
+    prefix = "gen" if kind == "generation" else "mc"
+    task = {"type": kind, "data": {"train": f"{prefix}-train.jsonl", "test": f"{prefix}-test.jsonl"}}
+    if kind == "generation":
+        task.update(label="copy", input=["word"])
+        finetune.setdefault("template", GEN_TEMPLATE)
+    else:
+        task.update(label="answer", choices="choices")
+    spec = {"name": "ft", "task": {**task, "dev_fraction": 0.25}, "runs": {"ft": {"finetune": finetune}}}
+    (root / f"exp-{folder}.yaml").write_text(json.dumps(spec))
+    experiment = load_experiment(root / f"exp-{folder}.yaml")
+    loaded = load_task(experiment)
+    return FinetuneJob(
+        task=loaded,
+        config=experiment.config.runs["ft"].finetune,
+        model=ModelConfig(name=str(root / "decoder")),
+        seed=0,
+        test=loaded.split("test"),
+        folder=root / folder,
+        where="runs.ft.finetune",
+    )
+
+
+RECIPES = {"generation": causal.generation, "multiple_choice": causal.multiple_choice}
+
+
+@pytest.fixture(scope="module")
+def results(root):
+    cache = {}
+
+    def get(kind: str, method: str):
+        if (kind, method) not in cache:
+            cache[kind, method] = RECIPES[kind](make_job(root, f"{kind}-{method}", kind, **SETTINGS[method]))
+        return cache[kind, method]
+
+    return get
+
+
+def _exact(rows: list[dict]) -> float:
+    scores = exact_match([r["prediction"] for r in rows], [r["references"] for r in rows])
+    return sum(scores) / len(scores)
+
+
+def test_untrained_model_does_not_copy(root):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    job = make_job(root, "untrained", "generation", **SETTINGS["lora"])
+    tokenizer = AutoTokenizer.from_pretrained(root / "decoder")
+    model = AutoModelForCausalLM.from_pretrained(root / "decoder")
+    rows = causal._generate(job, causal.Prompter(job, tokenizer), model, tokenizer, 256, 8)
+    assert _exact(rows) <= 0.25
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_generation_sft_learns_to_copy(results, method):
+    result = results("generation", method)
+    assert _exact(result.rows) >= 0.75
+    assert [r["id"] for r in result.rows] == [f"test{i}" for i in range(8)]
+    for row in result.rows:
+        assert set(row) == {"id", "label", "references", "prediction", "generations", "prompt"}
+        assert row["prompt"].startswith("Word: ") and row["prompt"].endswith("Copy: ")
+        assert row["references"] == [row["label"]]
+    info = result.info
+    assert info["train_examples"] == 36 and info["dev_examples"] == 12
+    assert info["best_dev_token_accuracy"] > 0.5 and info["masked_example"].startswith("[Word: ")
+    if method == "lora":
+        assert 0 <= info["merge_max_abs_diff"] < common.MERGE_TOLERANCE
+        assert info["trainable_parameters"] < info["total_parameters"] / 4
+
+
+def test_labels_mask_exactly_the_prompt(root):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "decoder")
+    job = make_job(root, "masking", "generation", **SETTINGS["lora"])
+    prompter = causal.Prompter(job, tokenizer)
+    pairs = [prompter.pair(ex) for ex in job.task.split("train")[:4]]
+    features, cut = causal.encode_all(tokenizer, pairs, 256, eos=True, joint=False)
+    assert cut == 0
+    for pair, feature in zip(pairs, features):
+        labels, ids = feature["labels"], feature["input_ids"]
+        n = labels.count(-100)
+        assert labels[:n] == [-100] * n and -100 not in labels[n:]
+        assert labels[n:] == ids[n:]
+        assert tokenizer.decode(ids[:n]) == pair.prompt.rstrip(" ")
+        assert tokenizer.decode(ids[n:]) == " " + pair.answer + tokenizer.eos_token  # the prompt's space moved
+    shown = causal.masked_example(tokenizer, features[0])
+    assert shown == f"[Word: fox\nCopy:] fox{tokenizer.eos_token}"
+
+
+def test_chat_wraps_the_prompt_as_a_user_turn(root):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "decoder")
+    job = make_job(root, "chat", "generation", **SETTINGS["lora"], chat=True)
+    pair = causal.Prompter(job, tokenizer).pair(job.task.split("train")[0])
+    assert pair.prompt == "<|im_start|>user\nWord: fox\nCopy:<|im_end|>\n<|im_start|>assistant\n"
+    assert pair.answer == "fox"
+
+
+def test_exported_generation_model_reloads(results):
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(results("generation", "lora").info["model_folder"])
+    assert not (folder / "adapter_config.json").exists()
+    assert AutoModelForCausalLM.from_pretrained(folder).config.model_type == "llama"
+    assert not (folder.parent / "checkpoints").exists()
+
+
+def test_multiple_choice_learns_and_scores_like_the_prompting_scorer(results):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from taskfit.models.hf import HFLM
+
+    result = results("multiple_choice", "lora")
+    assert sum(r["correct"] for r in result.rows) / len(result.rows) >= 0.85
+    row = result.rows[0]
+    assert set(row) == {"id", "label", "prediction", "correct", "scores", "probabilities", "prompt"}
+    assert row["prompt"] == "Question: colour of fox?\nAnswer: "
+    folder = Path(result.info["model_folder"])
+    lm = HFLM(AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), {})
+    job_options = [json.loads(line)["choices"] for line in (folder.parent.parent / "mc-test.jsonl").open()]
+    for r, options in zip(result.rows, job_options):
+        scores = lm.loglikelihood([Request(r["prompt"], o) for o in options])
+        assert scores == pytest.approx(r["scores"], abs=1e-4)
+
+
+def test_same_seed_gives_identical_rows(root, results):
+    again = causal.generation(make_job(root, "generation-lora-again", "generation", **SETTINGS["lora"]))
+    first = results("generation", "lora")
+    assert again.rows == first.rows
+    assert again.info["evaluations"] == first.info["evaluations"]
+
+
+def test_default_templates(root):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "decoder")
+    job = make_job(root, "default-gen", "generation", **SETTINGS["lora"], template=None)
+    assert causal.Prompter(job, tokenizer).pair(job.task.split("train")[1]) == causal.Pair("dog\n", "dog")
+    job = make_job(root, "default-mc", "multiple_choice", **SETTINGS["lora"])
+    pair = causal.Prompter(job, tokenizer).pair(job.task.split("train")[1])
+    assert pair == causal.Pair("Question: colour of dog?\nAnswer: ", "green")
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_rows(root, results, monkeypatch):
+    from transformers import Trainer
+
+    save = Trainer._save_checkpoint
+
+    def save_then_die(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        causal.multiple_choice(make_job(root, "mc-killed", "multiple_choice", **SETTINGS["lora"]))
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save)
+    resumed = causal.multiple_choice(make_job(root, "mc-killed", "multiple_choice", **SETTINGS["lora"]))
+    uninterrupted = results("multiple_choice", "lora")
+    assert resumed.info["resumed_from_step"] == 5  # 36 examples / 8 per batch: 5 steps an epoch, evaluated each
+    assert resumed.info["evaluations"] == uninterrupted.info["evaluations"]
+    assert resumed.rows == uninterrupted.rows
