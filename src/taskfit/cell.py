@@ -44,10 +44,16 @@ class Cell:
     """`demo_sets`: which redraw of the demonstrations this cell uses."""
     train_size: int | str | None = None
     """Fine-tuning `train_sizes`: how many train examples this cell trains on ("all": every one)."""
+    shots: int | None = None
+    """`shots: [...]`: this cell's number of demonstrations."""
 
     @property
     def is_variant(self) -> bool:
-        return self.template is not None or self.demo_set is not None or self.train_size is not None
+        return any(v is not None for v in (self.template, self.demo_set, self.train_size, self.shots))
+
+    def prompt_of(self, prompt: PromptConfig) -> PromptConfig:
+        """The run's prompt settings as this cell uses them (one count of demonstrations)."""
+        return prompt if self.shots is None else prompt.model_copy(update={"shots": self.shots})
 
     @property
     def demo_seed(self) -> int:
@@ -56,6 +62,7 @@ class Cell:
 
 def check_cell(cell: Cell, prompt: PromptConfig, task: Task, examples: list[Example]) -> None:
     """Build the cell's strategy and render every prompt, without a model."""
+    prompt = cell.prompt_of(prompt)
     task, _ = _splits_for(cell, prompt, task)
     for templates in _template_sets(cell, prompt):
         strategy = build_strategy(prompt, task, cell.demo_seed, f"runs.{cell.run}.prompt", templates=templates)
@@ -74,6 +81,7 @@ def run_cell(
     tracker=None,
 ) -> dict[str, Any]:
     start = time.perf_counter()
+    prompt = cell.prompt_of(prompt)
     computed_before, truncated_before = lm.computed, getattr(lm.lm, "truncated", 0)
     task, dev = _splits_for(cell, prompt, task)
     where = f"runs.{cell.run}.prompt"

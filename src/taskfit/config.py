@@ -92,7 +92,8 @@ class PromptConfig(_Strict):
     """Classification verbalizer: label -> answer string(s); unlisted labels answer by name."""
     answer_pooling: Literal["logsumexp", "mean"] = "logsumexp"
     """How a label's several answer strings combine into one score."""
-    shots: int = Field(0, ge=0)
+    shots: int | list[int] = 0
+    """Demonstrations per prompt; a list (`[0, 1, 4, 8]`) makes one cell per count: the learning curve."""
     demos: Literal["first", "random", "balanced", "similar"] = "first"
     """`similar`: per test example, the nearest train examples by MiniLM sentence embedding."""
     order: Literal["fixed", "random"] = "fixed"
@@ -125,6 +126,14 @@ class PromptConfig(_Strict):
     max_new_tokens: int = Field(128, ge=1)
     stop: list[str] | None = None
     """Stop strings for generation (default: the separator for chain of thought, else a newline)."""
+
+    @field_validator("shots")
+    @classmethod
+    def _non_negative(cls, value: int | list[int]) -> int | list[int]:
+        counts = value if isinstance(value, list) else [value]
+        if not counts or any(c < 0 for c in counts) or len(set(counts)) != len(counts):
+            raise ValueError("`shots` is a number of demonstrations (0 or more), or a list of distinct ones")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> PromptConfig:

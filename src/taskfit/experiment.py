@@ -77,33 +77,37 @@ def grid(models: list[ModelConfig], runs: dict[str, RunConfig], seeds: list[int]
         for model in run_models:
             slug = slugs.get(model) or _slugs([model])[model]
             for seed in seeds:
-                for tag, template, demo_set, size in variants:
+                for tag, template, demo_set, size, shots in variants:
                     base = f"{name}/{tag}" if tag else name
                     simple = len(run_models) == 1 and len(seeds) == 1
                     folder = base if simple else f"{base}/{slug}/seed-{seed}"
                     label = (f"{name}[{tag}]" if tag else name) + (
                         "" if len(models) == 1 or run_cfg.model else f"@{slug}"
                     )
-                    cells.append(Cell(name, model, seed, folder, label, template, demo_set, size))
+                    cells.append(Cell(name, model, seed, folder, label, template, demo_set, size, shots))
     return cells
 
 
-def _variants(run_cfg: RunConfig) -> list[tuple[str, int | None, int | None, int | str | None]]:
-    """(tag, template index, demo set, train size) per variant: templates with `combine: each`,
-    `demo_sets`, fine-tuning `train_sizes`."""
+def _variants(run_cfg: RunConfig) -> list[tuple]:
+    """(tag, template index, demo set, train size, shots) per variant: templates with `combine: each`,
+    `demo_sets`, fine-tuning `train_sizes`, a list of `shots`."""
     if run_cfg.finetune:
         sizes = run_cfg.finetune.train_sizes
-        return [(f"n{s}", None, None, s) for s in sizes] if sizes else [("", None, None, None)]
+        return [(f"n{s}", None, None, s, None) for s in sizes] if sizes else [("", None, None, None, None)]
     prompt = run_cfg.prompt
     templates = list(range(len(prompt.templates))) if prompt.templates and prompt.combine == "each" else [None]
     demo_sets = list(range(prompt.demo_sets)) if prompt.demo_sets > 1 else [None]
+    shot_counts = prompt.shots if isinstance(prompt.shots, list) else [None]
     out = []
-    for t in templates:
-        for d in demo_sets:
-            tag = "-".join(
-                part for part in (f"t{t}" if t is not None else "", f"d{d}" if d is not None else "") if part
-            )
-            out.append((tag, t, d, None))
+    for k in shot_counts:
+        for t in templates:
+            for d in demo_sets:
+                parts = [
+                    f"k{k}" if k is not None else "",
+                    f"t{t}" if t is not None else "",
+                    f"d{d}" if d is not None else "",
+                ]
+                out.append(("-".join(p for p in parts if p), t, d, None, k))
     return out
 
 

@@ -285,3 +285,18 @@ def test_report_shows_the_spread_section(yesno, tmp_path):
     taskfit.run(path, out=tmp_path / "out", lm=ScriptedLM(score=_template_bias))
     html = write_report(tmp_path / "out").read_text()
     assert 'id="spread"' in html and "share of variance" in html and "variant 100%" in html
+
+
+def test_a_list_of_shots_gives_one_cell_per_count_and_a_learning_curve(yesno, tmp_path):
+    from taskfit.report import write_report
+
+    lm = ScriptedLM()
+    results = taskfit.run(
+        yesno('template: "Q: {{ question }}\\nA: {{ answer }}"\nshots: [0, 2, 4]'), out=tmp_path / "out", lm=lm
+    )
+    assert results["r"]["variants"] == ["r[k0]", "r[k2]", "r[k4]"]
+    prompts = [rows_of(tmp_path / "out", f"r/k{k}")[0]["prompt"] for k in (0, 2, 4)]
+    assert [p.count("Q:") for p in prompts] == [1, 3, 5]
+    manifest = json.loads((tmp_path / "out" / "r" / "k2" / "manifest.json").read_text())
+    assert manifest["config"]["prompt"]["shots"] == 2
+    assert 'id="learning-curve"' in write_report(tmp_path / "out").read_text()
