@@ -65,6 +65,7 @@ def validate(experiment: Annotated[Path, typer.Argument(help="The experiment YAM
     """Check the experiment file, its data and every prompt, without loading a model."""
     from taskfit.experiment import plan
 
+    _quiet_libraries()
     try:
         p = plan(experiment)
     except TaskfitError as exc:

@@ -3,6 +3,7 @@ chain-of-thought trigger. Shared by the scoring and the generating strategies.""
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -13,6 +14,14 @@ from taskfit.prompting.answers import answer_strings
 from taskfit.prompting.demos import select_demos
 from taskfit.prompting.template import Rendered, Template, render_plain
 from taskfit.tasks import Task
+
+
+@functools.cache
+def _embedder():
+    """One MiniLM embedder per process: every cell of an experiment shares its model and text cache."""
+    from taskfit.prompting.similar import MiniLMEmbedder
+
+    return MiniLMEmbedder()
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,7 @@ class PromptBuilder:
         if self._similar is None:
             from taskfit.prompting.similar import SimilarDemos
 
-            self._similar = SimilarDemos(self.task.split("train"), self._text_of)
+            self._similar = SimilarDemos(self.task.split("train"), self._text_of, embedder=_embedder())
         return self._ordered(self._similar.select(example, self.cfg.shots), f"{self.seed}-{example.id}")
 
     def _text_of(self, example: Example) -> str:
