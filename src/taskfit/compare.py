@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from taskfit.errors import TaskfitError
-from taskfit.evaluation.metrics import METRICS
+from taskfit.evaluation.metrics import METRICS, mean_score
 from taskfit.evaluation.statistics import (
     holm_bonferroni,
     mcnemar_exact,
@@ -126,16 +126,11 @@ def _text_scores(rows_a, rows_b, ids):
         yield name, (va, vb)
 
 
-def _mean_metric(gold, values, n_classes):
-    """The mean of per-example scores (`values`), in the metric signature (gold unused)."""
-    return values.mean(axis=-1)
-
-
 def _per_example_row(metric: str, values, base: dict, resamples: int, seed: int) -> dict:
     va, vb = values
     dummy = np.zeros(len(va))
-    boot = paired_bootstrap(_mean_metric, dummy, va, vb, 0, resamples=resamples, seed=seed)
-    perm = paired_permutation_test(_mean_metric, dummy, va, vb, 0, resamples=resamples, seed=seed)
+    boot = paired_bootstrap(mean_score, dummy, va, vb, 0, resamples=resamples, seed=seed)
+    perm = paired_permutation_test(mean_score, dummy, va, vb, 0, resamples=resamples, seed=seed)
     return {
         "metric": metric,
         **base,

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from taskfit.evaluation.metrics import compute_metrics
+from taskfit.evaluation.metrics import bootstrap_ci, compute_metrics, mean_score
 from taskfit.evaluation.statistics import expected_calibration_error
 from taskfit.tasks import Task
 
@@ -52,14 +52,7 @@ def _generation_metrics(rows: list[dict[str, Any]], seed: int) -> dict[str, Any]
     for name, fn in (("exact_match", tm.exact_match), ("token_f1", tm.token_f1), ("rouge_l", tm.rouge_l)):
         values = np.asarray(fn(preds, refs), dtype=float)
         out[name] = float(values.mean())
-        out[f"{name}_ci95"] = _mean_ci(values, seed)
+        out[f"{name}_ci95"] = list(bootstrap_ci(mean_score, np.zeros(len(values)), values, 0, seed=seed))
     out["bleu"] = tm.bleu(preds, refs)
     out["chrf"] = tm.chrf(preds, refs)
     return out
-
-
-def _mean_ci(values: np.ndarray, seed: int, resamples: int = 1000) -> list[float]:
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return [float(low), float(high)]
