@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.finetune import FAST
 from helpers.tiny import build_tiny_model
 from taskfit.config import ModelConfig, load_experiment
 from taskfit.evaluation.text_metrics import exact_match
@@ -21,7 +22,6 @@ torch.set_num_threads(1)  # tiny models gain nothing from threads; the machine i
 
 WORDS = "fox dog food cold lazy quick brown great".split()
 COLOUR = dict(zip(WORDS, ["red", "green", "blue", "red", "green", "blue", "red", "green"]))
-FAST = {"batch_size": 8, "warmup_ratio": 0.0, "weight_decay": 0.0, "early_stopping": None}
 SETTINGS = {
     "full": {**FAST, "method": "full", "learning_rate": 0.003, "epochs": 20},
     "lora": {**FAST, "method": "lora", "learning_rate": 0.02, "r": 8, "epochs": 20},

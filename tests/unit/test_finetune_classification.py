@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.finetune import SETTINGS, one_thread  # noqa: F401  (autouse fixture)
 from helpers.tiny import build_tiny_model
 from helpers.tiny_encoder import build_tiny_encoder, build_tiny_xlnet
 from taskfit.config import ModelConfig, TaskConfig, load_experiment
@@ -21,20 +22,6 @@ from taskfit.tasks import Task, load_task
 LABELS = ["negative", "positive"]
 WORDS = {"positive": ["good", "great", "nice"], "negative": ["bad", "terrible", "awful"]}
 NOUNS = "food service room staff movie book film show meal trip day hotel place".split()
-FAST = {"epochs": 12, "batch_size": 8, "warmup_ratio": 0.0, "weight_decay": 0.0, "early_stopping": None}
-SETTINGS = {
-    "full": {**FAST, "method": "full", "learning_rate": 0.003},
-    "lora": {**FAST, "method": "lora", "learning_rate": 0.03, "r": 4},
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine torch's spinning threads cost 100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _rows(n: int, split: str, rng: random.Random) -> list[dict]:

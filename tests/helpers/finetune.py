@@ -1,0 +1,22 @@
+"""Shared settings for fine-tuning tests on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+FAST = {"batch_size": 8, "warmup_ratio": 0.0, "weight_decay": 0.0, "early_stopping": None}
+"""No warmup, decay or early stopping: tiny toy tasks learn in a few exact, fast epochs."""
+SETTINGS = {
+    "full": {**FAST, "epochs": 12, "method": "full", "learning_rate": 0.003},
+    "lora": {**FAST, "epochs": 12, "method": "lora", "learning_rate": 0.03, "r": 4},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine torch's spinning threads cost 100x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
