@@ -12,6 +12,10 @@ SETTINGS = {
     "lora": {**FAST, "epochs": 12, "method": "lora", "learning_rate": 0.03, "r": 4},
 }
 
+PRECISION = "float32"
+"""`model.dtype` of the recipe tests: exact arithmetic, and toy tasks whose few epochs do not ride on
+bf16 rounding (bf16 autocast has its own test in test_finetune_classification.py)."""
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():

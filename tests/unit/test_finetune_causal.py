@@ -8,17 +8,14 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
-from helpers.finetune import FAST
+from helpers.finetune import FAST, PRECISION, one_thread  # noqa: F401  (autouse fixture)
 from helpers.tiny import build_tiny_model
 from taskfit.config import ModelConfig, load_experiment
 from taskfit.evaluation.text_metrics import exact_match
 from taskfit.finetuning import FinetuneJob, causal, common
 from taskfit.models.base import Request
 from taskfit.tasks import load_task
-
-torch.set_num_threads(1)  # tiny models gain nothing from threads; the machine is busy
 
 WORDS = "fox dog food cold lazy quick brown great".split()
 COLOUR = dict(zip(WORDS, ["red", "green", "blue", "red", "green", "blue", "red", "green"]))
@@ -74,7 +71,7 @@ def make_job(root: Path, folder: str, kind: str, **finetune) -> FinetuneJob:
     return FinetuneJob(
         task=loaded,
         config=experiment.config.runs["ft"].finetune,
-        model=ModelConfig(name=str(root / "decoder")),
+        model=ModelConfig(name=str(root / "decoder"), dtype=PRECISION),
         seed=0,
         test=loaded.split("test"),
         folder=root / folder,

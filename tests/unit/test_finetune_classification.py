@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.finetune import SETTINGS, one_thread  # noqa: F401  (autouse fixture)
+from helpers.finetune import PRECISION, SETTINGS, one_thread  # noqa: F401  (autouse fixture)
 from helpers.tiny import build_tiny_model
 from helpers.tiny_encoder import build_tiny_encoder, build_tiny_xlnet
 from taskfit.config import ModelConfig, TaskConfig, load_experiment
@@ -46,7 +46,7 @@ def root(tmp_path_factory) -> Path:
     return root
 
 
-def make_job(root: Path, folder: str, model: str = "encoder", **finetune) -> FinetuneJob:
+def make_job(root: Path, folder: str, model: str = "encoder", dtype: str = PRECISION, **finetune) -> FinetuneJob:
     name = f"exp-{folder}.yaml"
     spec = {
         "name": "ft",
@@ -63,7 +63,7 @@ def make_job(root: Path, folder: str, model: str = "encoder", **finetune) -> Fin
     return FinetuneJob(
         task=task,
         config=experiment.config.runs["ft"].finetune,
-        model=ModelConfig(name=str(root / model)),
+        model=ModelConfig(name=str(root / model), dtype=dtype),
         seed=0,
         test=task.split("test"),
         folder=root / folder,
@@ -131,12 +131,45 @@ def test_merged_export_reloads_with_transformers_alone(root, results, model):
     reloaded = AutoModelForSequenceClassification.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert reloaded.config.id2label == dict(enumerate(LABELS))
-    reloaded.eval()
-    for row in result.rows[:6]:
-        with torch.no_grad():
-            logits = reloaded(**tokenizer(row["prompt"], return_tensors="pt")).logits[0]
+    _same_predictions(reloaded, tokenizer, result.rows, bf16=result.info["dtype"] != "float32")
+
+
+def _same_predictions(model, tokenizer, rows: list[dict], bf16: bool) -> None:
+    model.eval()
+    for row in rows[:6]:
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            logits = model(**tokenizer(row["prompt"], return_tensors="pt")).logits[0].float()
         assert logits.tolist() == pytest.approx(row["scores"], abs=1e-5)
         assert LABELS[int(logits.argmax())] == row["prediction"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_precision_follows_model_dtype(root, dtype, monkeypatch):
+    """`model.dtype` picks bf16 autocast (float32 weights) or float32 for training and predictions;
+    the export is float32 either way, and reproduces the rows under the same precision."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    job = make_job(root, f"encoder-{dtype}", dtype=dtype, **{**SETTINGS["lora"], "epochs": 2})
+    seen = []
+    original = training.arguments
+    monkeypatch.setattr(training, "arguments", lambda *a, **k: seen.append(original(*a, **k)) or seen[-1])
+    result = run(job)
+    assert seen[0].bf16 is (dtype == "bfloat16")
+    assert result.info["dtype"] == ("float32" if dtype == "float32" else "bfloat16 autocast, float32 weights")
+    assert result.info["merge_max_abs_diff"] < common.MERGE_TOLERANCE  # compared in float32 either way
+    folder = Path(result.info["model_folder"])
+    reloaded = AutoModelForSequenceClassification.from_pretrained(folder)
+    assert reloaded.dtype == torch.float32
+    _same_predictions(reloaded, AutoTokenizer.from_pretrained(folder), result.rows, bf16=dtype == "bfloat16")
+
+
+def test_auto_precision_is_bf16_only_where_native(monkeypatch):
+    from taskfit.models import hf
+
+    for native in (True, False):
+        monkeypatch.setattr(hf, "cpu_has_native_bf16", lambda native=native: native)
+        assert training.mixed_precision(ModelConfig(name="x", device="cpu")) is native
+    assert training.mixed_precision(ModelConfig(name="x", device="cpu", dtype="float32")) is False
 
 
 def test_same_seed_gives_identical_rows(root, results):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.finetune import SETTINGS, one_thread  # noqa: F401  (autouse fixture)
+from helpers.finetune import PRECISION, SETTINGS, one_thread  # noqa: F401  (autouse fixture)
 from helpers.tiny import build_tiny_model
 from helpers.tiny_encoder import build_tiny_encoder
 from taskfit.config import ModelConfig, load_experiment
@@ -75,7 +75,7 @@ def make_job(root: Path, kind: str, folder: str, model: str = "encoder", **finet
     return FinetuneJob(
         task=loaded,
         config=experiment.config.runs["ft"].finetune,
-        model=ModelConfig(name=str(root / model)),
+        model=ModelConfig(name=str(root / model), dtype=PRECISION),
         seed=0,
         test=loaded.split("test"),
         folder=root / folder,

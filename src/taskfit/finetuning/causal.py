@@ -237,7 +237,8 @@ def _generate(job, prompter: Prompter, model, tokenizer, max_length: int, max_ne
         stop = ("\n",) if ctx.after.startswith("\n") else ()
         # The trailing spaces of the prompt were trained as part of the answer (see `encode_pair`).
         request = GenerationRequest(ctx.before.rstrip(" "), max_new_tokens=max_new, stop=stop, seed=job.seed)
-        text = generator.generate([request])[0][0]
+        with training.autocast(job.model):  # as trained and evaluated on dev
+            text = generator.generate([request])[0][0]
         rows.append(
             {
                 "id": ex.id,

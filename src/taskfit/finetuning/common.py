@@ -6,8 +6,9 @@ A recipe is `prepare` → its own features → `training.train` → `final_model
 rows from `predict_logits` → `save` and `info`. Recipes differ in the head
 (`AutoModelFor...`), the features, the metric and the rows; everything else comes from
 here (and `training`, `data`), so that recipes cannot drift apart.
-Weights are float32 on every device for now; bf16 autocast where the hardware computes it
-natively is a later optimization (the merge check below assumes float32).
+Weights are float32 on every device; where `model.dtype` resolves to bfloat16 (`auto` on a GPU or
+a CPU with native bf16), training and predictions run under bf16 autocast. The merge check
+compares float32 logits.
 """
 
 from __future__ import annotations
@@ -237,8 +238,13 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, features: list[dict], collator: Any, batch_size: int) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, features: list[dict], collator: Any, batch_size: int, bf16: bool = False
+) -> torch.Tensor:
     """Logits of the head for each feature, in input order: (N, ...) float32 on the CPU.
+
+    `bf16`: under bfloat16 autocast, as the model was trained and evaluated on dev (the merge
+    check leaves it off: it compares float32 logits).
 
     Batches hold similar lengths (sorted), so little padding is computed; padding is masked,
     so the logits do not depend on the batch layout (up to float rounding). Per-token logits
@@ -254,7 +260,9 @@ def predict_logits(model: nn.Module, features: list[dict], collator: Any, batch_
         batch = collator(
             [{k: v for k, v in features[i].items() if k != "labels"} for i in order[start : start + batch_size]]
         )
-        chunks.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu())
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        chunks.append(logits.float().cpu())
     logits = _concat(chunks)
     out = torch.empty_like(logits)
     out[torch.tensor(order)] = logits
@@ -307,7 +315,9 @@ def final_model(job: Any, trainer: Any, prepared: Prepared, probe: list[dict]) -
     """The best checkpoint's model (the Trainer loaded it), LoRA merged in and checked on `probe`.
 
     Returns the model and the merge check's max |logit difference| (None for full fine-tuning)."""
-    model = trainer.model
+    # Mixed precision wraps `forward` in autocast; the exported model and the float32 merge
+    # check need the plain one (predictions opt back in to autocast).
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     if job.config.method == "full":
         return model, None
     if job.config.method == "qlora":
@@ -346,7 +356,7 @@ def info(job: Any, trainer: Any, prepared: Prepared, stats: training.TrainStats,
         "peak_memory_mb": peak_memory_mb(),
         "peak_gpu_memory_mb": peak_gpu_memory_mb(),
         "merge_max_abs_diff": merge_diff,
-        "dtype": "float32",
+        "dtype": "bfloat16 autocast, float32 weights" if training.mixed_precision(job.model) else "float32",
         "base_model": prepared.loaded.identity,
     }
 

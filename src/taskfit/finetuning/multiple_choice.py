@@ -57,7 +57,9 @@ def multiple_choice(job: FinetuneJob) -> FinetuneResult:
     )  # fmt: skip
     # evaluate
     final, merge_diff = common.final_model(job, trainer, prepared, probe=features["dev"] + features["test"])
-    logits = common.predict_logits(final, features["test"], collator, job.config.batch_size)  # (N, max options)
+    logits = common.predict_logits(
+        final, features["test"], collator, job.config.batch_size, training.mixed_precision(job.model)
+    )  # (N, max options)
     rows = _rows(job, logits, contexts["test"])
     # save
     info = common.info(job, trainer, prepared, stats, final, merge_diff)

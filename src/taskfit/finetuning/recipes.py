@@ -52,7 +52,9 @@ def classification(job: FinetuneJob) -> FinetuneResult:
     )
     # evaluate
     final, merge_diff = common.final_model(job, trainer, prepared, probe=features["dev"] + features["test"])
-    logits = common.predict_logits(final, features["test"], trainer.data_collator, job.config.batch_size)
+    logits = common.predict_logits(
+        final, features["test"], trainer.data_collator, job.config.batch_size, training.mixed_precision(job.model)
+    )
     rows = _rows(job, labels, logits, inputs["test"])
     # save
     info = common.info(job, trainer, prepared, stats, final, merge_diff)

@@ -56,7 +56,9 @@ def token_classification(job: FinetuneJob) -> FinetuneResult:
     )  # fmt: skip
     # evaluate
     final, merge_diff = common.final_model(job, trainer, prepared, probe=features["dev"] + features["test"])
-    logits = common.predict_logits(final, features["test"], collator, job.config.batch_size)  # (N, L, tags)
+    logits = common.predict_logits(
+        final, features["test"], collator, job.config.batch_size, training.mixed_precision(job.model)
+    )  # (N, L, tags)
     rows = _rows(job, tags, scheme, logits, [w for _, w in encoded["test"]])
     # save
     info = common.info(job, trainer, prepared, stats, final, merge_diff)

@@ -55,6 +55,19 @@ def uses_cpu(device: str) -> bool:
     return device == "cpu" or not torch.cuda.is_available()
 
 
+def mixed_precision(model: Any) -> bool:
+    """bf16 autocast (float32 master weights) where `model.dtype` resolves to bfloat16: `auto` on a
+    GPU or a CPU that computes bf16 natively (~1.5x faster LoRA steps on this project's CPU)."""
+    from taskfit.models.hf import pick_dtype
+
+    return pick_dtype(model.dtype, "cpu" if uses_cpu(model.device) else "cuda") == torch.bfloat16
+
+
+def autocast(model: Any) -> Any:
+    """The autocast context that training used, for predictions after it (off for float32)."""
+    return torch.autocast("cpu" if uses_cpu(model.device) else "cuda", torch.bfloat16, enabled=mixed_precision(model))
+
+
 def processes(device: str) -> Any:
     """accelerate's view of the processes of this run (several under `accelerate launch`/torchrun).
 
@@ -64,8 +77,9 @@ def processes(device: str) -> Any:
     return PartialState(cpu=uses_cpu(device))
 
 
-def arguments(folder: Path, cfg: FinetuneConfig, seed: int, n_train: int, device: str, metric: str):
-    every = evaluation_interval(n_train, cfg, processes(device).num_processes)
+def arguments(folder: Path, cfg: FinetuneConfig, seed: int, n_train: int, model: Any, metric: str):
+    """`model` is the run's ModelConfig (device, dtype)."""
+    every = evaluation_interval(n_train, cfg, processes(model.device).num_processes)
     return TrainingArguments(
         output_dir=str(folder / "checkpoints"),
         num_train_epochs=cfg.epochs,
@@ -88,7 +102,8 @@ def arguments(folder: Path, cfg: FinetuneConfig, seed: int, n_train: int, device
         seed=seed,
         data_seed=seed,
         report_to=[],
-        use_cpu=uses_cpu(device),
+        use_cpu=uses_cpu(model.device),
+        bf16=mixed_precision(model),
         dataloader_num_workers=0,
         disable_tqdm=True,
         train_sampling_strategy="group_by_length",  # batches of similar lengths: less padding per batch
@@ -135,7 +150,7 @@ def make_trainer(
 
     `preprocess_logits(logits, labels)` shrinks each eval batch's logits before they are gathered
     (a causal LM's (B, T, V) logits over a whole dev split would not fit in memory)."""
-    args = arguments(job.folder, job.config, job.seed, len(train), job.model.device, metric)
+    args = arguments(job.folder, job.config, job.seed, len(train), job.model, metric)
     callbacks: list[TrainerCallback] = [_Throughput()]
     if job.config.early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=job.config.early_stopping))
