@@ -112,3 +112,15 @@ def test_compute_metrics():
     assert isinstance(out["accuracy"], float)
     only_accuracy = compute_metrics(("accuracy",), gold, pred, 3, seed=3)
     assert only_accuracy == {k: out[k] for k in ("n", "accuracy", "accuracy_ci95")}
+
+
+def test_bootstrap_ci_blocks_draw_the_same_resamples(monkeypatch):
+    """Bounded memory for huge N must not change the interval: blocks replay the one big draw."""
+    from taskfit.evaluation import metrics
+
+    rng = np.random.default_rng(11)
+    gold, pred = rng.integers(0, 3, 57), rng.integers(0, 3, 57)
+    idx = np.random.default_rng(2).integers(0, 57, size=(200, 57))  # unblocked, all at once
+    expected = np.percentile(macro_f1(gold[idx], pred[idx], 3), [2.5, 97.5])
+    monkeypatch.setattr(metrics, "BLOCK_ELEMENTS", 3 * 57)  # 67 blocks, the last one short
+    assert bootstrap_ci(macro_f1, gold, pred, 3, resamples=200, seed=2) == pytest.approx(tuple(expected), abs=0)

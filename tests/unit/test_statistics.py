@@ -14,6 +14,7 @@ from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import NormalIndPower
 
+from taskfit.evaluation import metrics
 from taskfit.evaluation import statistics as st
 from taskfit.evaluation.metrics import accuracy, macro_f1
 
@@ -51,7 +52,7 @@ def test_paired_bootstrap_blocks_draw_the_same_resamples(monkeypatch):
     rng = np.random.default_rng(7)
     idx = rng.integers(0, 41, size=(50, 41))  # the unblocked draw, all at once
     diffs = macro_f1(gold[idx], a[idx], 3) - macro_f1(gold[idx], b[idx], 3)
-    monkeypatch.setattr(st, "_BLOCK_ELEMENTS", 3 * 41)  # 17 blocks, the last one short
+    monkeypatch.setattr(metrics, "BLOCK_ELEMENTS", 3 * 41)  # 17 blocks, the last one short
     out = st.paired_bootstrap(macro_f1, gold, a, b, 3, resamples=50, seed=7)
     assert out["ci95"] == pytest.approx(list(np.percentile(diffs, [2.5, 97.5])))
     assert out["p_value"] == pytest.approx(min(1, 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0))))
@@ -115,7 +116,7 @@ def test_permutation_test_edge_cases_are_exact(monkeypatch):
     better = gold.copy()
     assert st.paired_permutation_test(accuracy, gold, better, b, 3, resamples=99)["p_value"] == 0.01
     full = st.paired_permutation_test(accuracy, gold, a, b, 3, resamples=200, seed=3)
-    monkeypatch.setattr(st, "_BLOCK_ELEMENTS", 7 * 300)
+    monkeypatch.setattr(metrics, "BLOCK_ELEMENTS", 7 * 300)
     assert st.paired_permutation_test(accuracy, gold, a, b, 3, resamples=200, seed=3) == full
 
 

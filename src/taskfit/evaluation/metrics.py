@@ -2,16 +2,30 @@
 
 Metric functions take integer arrays of gold and predicted option indices; classification
 metrics also know the number of classes. The bootstrap resamples examples (rows), with
-every resample computed in one vectorized pass.
+resamples computed in vectorized blocks of bounded memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 Metric = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+
+BLOCK_ELEMENTS = 1 << 21
+"""Resampled index arrays are drawn in blocks of at most this many elements, so memory stays
+bounded (~16 MB per int64 array) however many items there are (R x N for N=100k is 800 MB).
+Drawn in sequence, the blocks hold the same numbers as one (R, N) draw."""
+
+
+def resample_blocks(resamples: int, n: int) -> Iterator[int]:
+    """Numbers of resamples per block: together `resamples`, each block at most ~BLOCK_ELEMENTS."""
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    step = max(1, BLOCK_ELEMENTS // max(n, 1))
+    for start in range(0, resamples, step):
+        yield min(step, resamples - start)
 
 
 def accuracy(gold: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -44,9 +58,11 @@ def bootstrap_ci(
 ) -> tuple[float, float]:
     """Percentile 95% interval of `metric` over `resamples` resamples of the examples."""
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(gold), size=(resamples, len(gold)))  # (R, N)
-    values = metric(gold[idx], pred[idx], n_classes)
-    low, high = np.percentile(values, [2.5, 97.5])
+    values = []
+    for size in resample_blocks(resamples, len(gold)):
+        idx = rng.integers(0, len(gold), size=(size, len(gold)))  # (B, N)
+        values.append(metric(gold[idx], pred[idx], n_classes))
+    low, high = np.percentile(np.concatenate(values), [2.5, 97.5])
     return float(low), float(high)
 
 

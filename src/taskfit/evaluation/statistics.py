@@ -9,16 +9,13 @@ leading resample axis). Every function is pure; randomness comes from an explici
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats
 
-from taskfit.evaluation.metrics import Metric
+from taskfit.evaluation.metrics import Metric, resample_blocks
 
-# Resampled index arrays are built in blocks of at most this many elements, so memory stays
-# bounded (~16 MB per int64 array) however many items there are (R x N for N=100k is 800 MB).
-_BLOCK_ELEMENTS = 1 << 21
 # The same items summed in another order can differ in the last bits; a permuted difference
 # that ties the observed one must still count as "at least as extreme".
 _TIE_TOLERANCE = 1e-12
@@ -34,14 +31,6 @@ def _paired_arrays(gold, pred_a, pred_b) -> tuple[np.ndarray, np.ndarray, np.nda
     if len(gold) == 0:
         raise ValueError("a paired comparison needs at least one item")
     return gold, a, b
-
-
-def _block_sizes(resamples: int, n: int) -> Iterator[int]:
-    if resamples < 1:
-        raise ValueError(f"resamples must be >= 1, got {resamples}")
-    step = max(1, _BLOCK_ELEMENTS // n)
-    for start in range(0, resamples, step):
-        yield min(step, resamples - start)
 
 
 def _difference(metric: Metric, gold, a, b, n_classes: int) -> np.ndarray:
@@ -69,7 +58,7 @@ def paired_bootstrap(
     n = len(gold)
     rng = np.random.default_rng(seed)
     blocks = []
-    for size in _block_sizes(resamples, n):
+    for size in resample_blocks(resamples, n):
         idx = rng.integers(0, n, size=(size, n))  # (B, N)
         blocks.append(_difference(metric, gold[idx], a[idx], b[idx], n_classes))
     diffs = np.concatenate(blocks)  # (R,)
@@ -103,7 +92,7 @@ def paired_permutation_test(
     observed = float(_difference(metric, gold, a, b, n_classes))
     rng = np.random.default_rng(seed)
     extreme = 0
-    for size in _block_sizes(resamples, n):
+    for size in resample_blocks(resamples, n):
         swap = rng.random((size, n)) < 0.5  # (B, N)
         perm_a, perm_b = np.where(swap, b, a), np.where(swap, a, b)
         diffs = _difference(metric, np.broadcast_to(gold, swap.shape), perm_a, perm_b, n_classes)
