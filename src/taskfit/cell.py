@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -14,11 +14,11 @@ from typing import Any
 from taskfit.config import ModelConfig, PromptConfig
 from taskfit.data import Example
 from taskfit.errors import TaskfitError
-from taskfit.evaluation.rows import row_metrics
+from taskfit.evaluation.rows import MetricInputs
 from taskfit.manifest import environment, peak_memory_mb
 from taskfit.models.cached import CachedLM
 from taskfit.prompting import build_strategy
-from taskfit.store import atomic_write
+from taskfit.store import PredictionFile, atomic_write
 from taskfit.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def run_cell(
         selection = _select_on_dev(cell, prompt, task, dev, lm, templates)
         templates = [templates[selection["chosen_template"]]]
     strategy = build_strategy(prompt, task, cell.demo_seed, where, chat=lm.chat, templates=templates[0])
-    rows = _predict(strategy, examples, lm, progress, cell.folder)
+    inputs = write_rows(out_dir / cell.folder, task, _predict(strategy, examples, lm, progress, cell.folder))
     truncated = getattr(lm.lm, "truncated", 0) - truncated_before
     if truncated:
         log.warning("%s: %d prompt(s) exceeded the model's context and were cut from the left", cell.folder, truncated)
@@ -102,14 +102,26 @@ def run_cell(
         "trainable_parameters": 0,
         "config": {"prompt": prompt.model_dump(mode="json")},
     }
-    return write_cell(cell, task, rows, lm.identity, extra, out_dir, root, start, tracker)
+    return write_cell(cell, task, inputs, lm.identity, extra, out_dir, root, start, tracker)
 
 
-def write_cell(cell: Cell, task: Task, rows, model_identity, extra, out_dir, root, start, tracker) -> dict[str, Any]:
-    """Predictions, metrics and manifest of a finished cell (both routes), then tracking."""
+def write_rows(folder: Path, task: Task, chunks: Iterable[list[dict[str, Any]]]) -> MetricInputs:
+    """Stream prediction rows to `folder/predictions.jsonl` (in place once all are written),
+    keeping only what the metrics need."""
+    inputs = MetricInputs(task)
+    with PredictionFile(folder) as predictions:
+        for rows in chunks:
+            predictions.write(rows)
+            inputs.add(rows)
+    return inputs
+
+
+def write_cell(
+    cell: Cell, task: Task, inputs: MetricInputs, model_identity, extra, out_dir, root, start, tracker
+) -> dict[str, Any]:
+    """Metrics and manifest of a cell whose predictions are written (both routes), then tracking."""
     cell_dir = out_dir / cell.folder
-    atomic_write(cell_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    metrics = row_metrics(task, rows, cell.seed)
+    metrics = inputs.metrics(cell.seed)
     manifest = {
         "run": cell.run,
         "label": cell.label,
@@ -121,7 +133,7 @@ def write_cell(cell: Cell, task: Task, rows, model_identity, extra, out_dir, roo
         "model": model_identity,
         "task": {"type": task.type, "labels": list(task.labels or []), "tags": list(getattr(task, "tags", None) or [])},
         "metrics": metrics,
-        "examples": len(rows),
+        "examples": inputs.n,
         "wall_time_s": round(time.perf_counter() - start, 3),
         "peak_memory_mb": peak_memory_mb(),
         **extra,
@@ -133,14 +145,13 @@ def write_cell(cell: Cell, task: Task, rows, model_identity, extra, out_dir, roo
     return metrics
 
 
-def _predict(strategy, examples: list[Example], lm: CachedLM, progress, name: str) -> list[dict[str, Any]]:
-    rows = []
+def _predict(strategy, examples: list[Example], lm: CachedLM, progress, name: str) -> Iterator[list[dict[str, Any]]]:
+    """The rows of each chunk of examples, as they are predicted."""
     task_id = progress.add_task(name, total=len(examples)) if progress else None
     for chunk in _chunks(examples, CHUNK):
-        rows.extend(strategy.predict(chunk, lm))
+        yield strategy.predict(chunk, lm)
         if progress:
             progress.advance(task_id, len(chunk))
-    return rows
 
 
 def _template_sets(cell: Cell, prompt: PromptConfig) -> list[list[str]]:
@@ -158,7 +169,10 @@ def _select_on_dev(cell, prompt, task, dev, lm, templates) -> dict[str, Any]:
     scores = []
     for i, one in enumerate(templates):
         strategy = build_strategy(prompt, task, cell.demo_seed, f"runs.{cell.run}.prompt", chat=lm.chat, templates=one)
-        metrics = row_metrics(task, _predict(strategy, dev, lm, None, f"{cell.folder} dev t{i}"), cell.seed)
+        inputs = MetricInputs(task)
+        for rows in _predict(strategy, dev, lm, None, f"{cell.folder} dev t{i}"):
+            inputs.add(rows)
+        metrics = inputs.metrics(cell.seed)
         scores.append(metrics[task.metrics[0]])
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))
     return {"metric": task.metrics[0], "dev_scores": scores, "chosen_template": best, "dev_size": len(dev)}

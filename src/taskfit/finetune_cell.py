@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from taskfit.cell import Cell, write_cell
+from taskfit.cell import Cell, write_cell, write_rows
 from taskfit.config import FinetuneConfig
 from taskfit.data import Example
 from taskfit.errors import TaskfitError
@@ -79,4 +79,5 @@ def run_finetune_cell(
         "finetune": result.info,
         "config": {"finetune": config.model_dump(mode="json")},
     }
-    return write_cell(cell, task, result.rows, identity, extra, out_dir, root, start, tracker)
+    inputs = write_rows(out_dir / cell.folder, task, [result.rows])
+    return write_cell(cell, task, inputs, identity, extra, out_dir, root, start, tracker)

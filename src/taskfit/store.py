@@ -29,6 +29,37 @@ def atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+class PredictionFile:
+    """`<cell>/predictions.jsonl` written row by row, so no run holds all its rows in memory.
+
+    Rows go to a hidden partial file that replaces predictions.jsonl only when the cell
+    finishes: a failed or killed run leaves an earlier predictions.jsonl as it was."""
+
+    NAME = "predictions.jsonl"
+
+    def __init__(self, folder: Path):
+        self.path = folder / self.NAME
+        self.partial = folder / f".{self.NAME}.partial"
+        self.rows = 0
+
+    def __enter__(self) -> PredictionFile:
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.partial.open("w", encoding="utf-8")
+        return self
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        self._file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        self._file.flush()  # a chunk at a time: its rows leave memory, and a reader sees progress
+        self.rows += len(rows)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._file.close()
+        if exc_type is None:
+            self.partial.replace(self.path)
+        else:
+            self.partial.unlink(missing_ok=True)
+
+
 def request_key(req: tuple) -> str:
     """Log-likelihood requests keep their original key (context NUL continuation), so caches
     written before generation existed stay valid; other requests hash their type and fields."""

@@ -270,3 +270,31 @@ def test_accuracy_matches_predictions(project, fake_lm, read_jsonl):
         r["prediction"] == ["negative", "neutral", "positive"][max(range(3), key=r["scores"].__getitem__)] for r in rows
     )
     assert not any(math.isnan(s) for r in rows for s in r["scores"])
+
+
+def test_predictions_stream_to_disk_and_a_failure_keeps_the_old_file(project, fake_lm, read_jsonl, monkeypatch):
+    """Rows go to disk chunk by chunk (a run does not hold them all); predictions.jsonl is
+    replaced only when the cell finishes, so a run that dies midway leaves the old one."""
+    import taskfit.cell
+
+    out = project / "out"
+    taskfit.run(project / "mc.yaml", lm=fake_lm(), out=out)
+    good = (out / "zero" / "predictions.jsonl").read_bytes()
+    partial = out / "zero" / ".predictions.jsonl.partial"
+    monkeypatch.setattr(taskfit.cell, "CHUNK", 2)
+    seen = []
+
+    class DiesOnThirdChunk(fake_lm):
+        def loglikelihood(self, requests):
+            seen.append(len(read_jsonl(partial)) if partial.exists() else None)
+            if len(seen) == 3:
+                raise RuntimeError("out of memory")
+            return super().loglikelihood(requests)
+
+    text = (project / "mc.yaml").read_text().replace("Answer: {{ answer }}", "Answer:  {{ answer }}")
+    (project / "mc.yaml").write_text(text)  # new prompts: nothing comes from the cache
+    with pytest.raises(RuntimeError):
+        taskfit.run(project / "mc.yaml", lm=DiesOnThirdChunk(), out=out)
+    assert seen == [0, 2, 4]  # the rows of each finished chunk were on disk before the next one
+    assert (out / "zero" / "predictions.jsonl").read_bytes() == good
+    assert not partial.exists()

@@ -86,6 +86,10 @@ class TreeScorer:
         self.body = model.base_model
         self.head = model.get_output_embeddings()
         self.batch_tokens = batch_tokens
+        self.tokens = 0
+        """Tokens run through the model body so far (shared prefixes once, padding not counted)."""
+        self.padded_tokens = 0
+        """The same, padding included: what the batches cost."""
         params = inspect.signature(self.body.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
@@ -117,11 +121,15 @@ class TreeScorer:
 
     def _prefix_cache(self, prefix: list[int]):
         ids = torch.tensor([prefix], device=self.device)
+        self.tokens += len(prefix)
+        self.padded_tokens += len(prefix)
         output = self.body(input_ids=ids, use_cache=True)
         return output.cache if self._cache_kw == "cache" else output.past_key_values
 
     def _score_batch(self, batch: list[_Row], offset: int, prefix_kv, out) -> None:
         b, t = len(batch), max(len(r.tokens) for r in batch)
+        self.tokens += sum(len(r.tokens) for r in batch)
+        self.padded_tokens += b * t
         ids = torch.zeros(b, t, dtype=torch.long)
         pos = torch.zeros(b, t, dtype=torch.long)
         allowed = torch.zeros(b, t, offset + t, dtype=torch.bool)
