@@ -150,11 +150,14 @@ def run(
             continue
         model_lm = lm or _load(model)
         cached = CachedLM(model_lm, ScoreCache.for_model(out_dir, model_lm.identity))
-        for cell in prompted:
-            prompt = p.runs[cell.run].prompt
-            per_cell[cell] = run_cell(
-                cell, prompt, p.task, p.test_examples(), cached, out_dir, p.experiment.root, progress, tracker
-            )
+        try:
+            for cell in prompted:
+                prompt = p.runs[cell.run].prompt
+                per_cell[cell] = run_cell(
+                    cell, prompt, p.task, p.test_examples(), cached, out_dir, p.experiment.root, progress, tracker
+                )
+        finally:
+            cached.cache.close()
         del model_lm, cached  # one model in memory at a time
     results = _results(p.cells, per_cell)
     atomic_write(out_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

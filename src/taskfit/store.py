@@ -4,9 +4,10 @@
     <out>/config.yaml              the resolved experiment config
     <out>/<run>/predictions.jsonl  one row per test example
     <out>/<run>/manifest.json      what the run decided and cost
-    <out>/cache/<model>.jsonl      log-likelihood of every scored (context, continuation)
+    <out>/cache/<model>.sqlite     log-likelihood of every scored (context, continuation),
+                                   generations of every generation request
 
-The cache is appended after every chunk of examples, so a killed run loses at most one
+The cache is written after every chunk of examples, so a killed run loses at most one
 chunk; keys are the request text, so a config change recomputes only what it changes.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -71,51 +73,56 @@ def request_key(req: tuple) -> str:
 
 
 class ScoreCache:
-    """Results already computed by one model (identity, dtype and device type)."""
+    """Results already computed by one model (identity, dtype and device type), in SQLite.
+
+    Lookups go to the file, so a run's memory does not grow with the number of requests
+    (a dict of 300k keys took ~90 MB); each `add` is one transaction, so a killed run loses
+    at most the chunk in flight and the file is never left half-written."""
+
+    LOOKUP = 500
+    """Keys per query (SQLite limits the number of bound parameters)."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._scores: dict[str, Any] = {}
-        if path.is_file():
-            with path.open(encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut short by a kill: recompute it
-                    self._scores[row["k"]] = row["lp"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path)
+        with self._db:
+            self._db.execute("CREATE TABLE IF NOT EXISTS results (k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID")
 
     @classmethod
     def for_model(cls, out: Path, identity: dict[str, Any]) -> ScoreCache:
         fields = {k: identity.get(k) for k in ("name", "sha256", "hub_id", "dtype")}
         fields["device"] = str(identity.get("device", "")).split(":")[0]
         key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-        return cls(out / "cache" / f"{key}.jsonl")
+        return cls(out / "cache" / f"{key}.sqlite")
 
     def get(self, req: tuple) -> Any:
         """The remembered result (a log-likelihood, or a list of generations), or None."""
-        return self._scores.get(request_key(req))
+        return self.get_many([req]).get(req)
+
+    def get_many(self, reqs: list[tuple]) -> dict[tuple, Any]:
+        """The remembered results of those requests that have one."""
+        by_key = {request_key(r): r for r in reqs}
+        keys, found = list(by_key), {}
+        for i in range(0, len(keys), self.LOOKUP):
+            part = keys[i : i + self.LOOKUP]
+            query = f"SELECT k, v FROM results WHERE k IN ({','.join('?' * len(part))})"
+            for key, value in self._db.execute(query, part):
+                found[by_key[key]] = json.loads(value)
+        return found
 
     def add(self, scored: dict[tuple, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        cut_short = _ends_mid_line(self.path)
-        with self.path.open("a", encoding="utf-8") as f:
-            if cut_short:  # a kill left half a line: start on a fresh one
-                f.write("\n")
-            for req, lp in scored.items():
-                key = request_key(req)
-                self._scores[key] = lp
-                f.write(json.dumps({"k": key, "lp": lp}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        with self._db:  # one transaction
+            self._db.executemany(
+                "INSERT OR REPLACE INTO results VALUES (?, ?)",
+                [(request_key(req), json.dumps(value)) for req, value in scored.items()],
+            )
 
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
 
-def _ends_mid_line(path: Path) -> bool:
-    if not path.is_file() or path.stat().st_size == 0:
-        return False
-    with path.open("rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) != b"\n"
+    def close(self) -> None:
+        self._db.close()
 
 
 def merge_results(path: Path, new: dict[str, Any]) -> dict[str, Any]:

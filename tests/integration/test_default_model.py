@@ -104,7 +104,7 @@ def test_killed_run_resumes_to_identical_results(tmp_path):
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    assert any(cache.glob("*.jsonl")), "the first run's scores should have reached the cache before the kill"
+    assert any(cache.glob("*.sqlite")), "the first run's scores should have reached the cache before the kill"
     assert not (tmp_path / "resumed" / "results.json").exists()
     resumed = _cli(*args, "--out", str(tmp_path / "resumed"))
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()

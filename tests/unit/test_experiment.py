@@ -153,7 +153,7 @@ def test_results_do_not_depend_on_scoring_order(project, fake_lm):
 
 
 def cache_file(out):
-    [path] = list((out / "cache").glob("*.jsonl"))
+    [path] = list((out / "cache").glob("*.sqlite"))
     return path
 
 
@@ -173,27 +173,51 @@ def test_rerun_uses_the_cache(project, write_yaml, fake_lm):
     assert json.loads((out / "plain" / "manifest.json").read_text())["requests_computed"] == 0
 
 
-def test_resume_after_cache_cut_short(project, write_yaml, fake_lm):
-    """A run killed mid-append leaves a partial last line; the rerun recomputes only what is missing."""
+def test_resume_after_a_kill_recomputes_only_what_is_missing(project, write_yaml, fake_lm):
+    """A run killed mid-way has only its finished chunks in the cache; the rerun computes the rest."""
+    import sqlite3
+
     path, out = write_yaml(TWO_RUNS), project / "out"
     first = taskfit.run(path, lm=fake_lm(), out=out)
-    cache = cache_file(out)
-    lines = cache.read_text().splitlines(keepends=True)
-    kept = lines[:20]
-    cache.write_text("".join(kept) + lines[20][: len(lines[20]) // 2])  # cut mid-line, no newline
+    with sqlite3.connect(cache_file(out)) as db:
+        kept = {k for (k,) in db.execute("SELECT k FROM results ORDER BY k LIMIT 20")}
+        db.execute(f"DELETE FROM results WHERE k NOT IN ({','.join('?' * len(kept))})", list(kept))
     (out / "results.json").unlink()
 
     resumed = fake_lm()
     assert taskfit.run(path, lm=resumed, out=out) == first
-    kept_keys = {json.loads(line)["k"] for line in kept}
     from taskfit.store import request_key
 
     assert len(resumed.requests) == 48 - 20
-    assert not any(request_key(r) in kept_keys for r in resumed.requests)
+    assert not any(request_key(r) in kept for r in resumed.requests)
 
     third = fake_lm()
     assert taskfit.run(path, lm=third, out=out) == first
     assert third.requests == []  # everything is cached now
+
+
+def test_a_transaction_cut_by_a_kill_leaves_the_cache_as_it_was(tmp_path):
+    """A process killed inside `add` (before its commit) leaves the earlier results intact."""
+    import subprocess
+    import sys
+
+    from taskfit.models.base import Request
+    from taskfit.store import ScoreCache
+
+    cache = ScoreCache(tmp_path / "c.sqlite")
+    cache.add({Request("a", " b"): -1.5})
+    cache.close()
+    code = (
+        "import os, sys; from taskfit.store import ScoreCache; from taskfit.models.base import Request\n"
+        "c = ScoreCache(__import__('pathlib').Path(sys.argv[1]))\n"
+        "c._db.execute('BEGIN'); c._db.executemany('INSERT INTO results VALUES (?, ?)', "
+        "[(str(i), '0.0') for i in range(1000)])\n"
+        "os._exit(9)  # killed before the commit\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.sqlite")]).returncode == 9
+    again = ScoreCache(tmp_path / "c.sqlite")
+    assert len(again) == 1 and again.get(Request("a", " b")) == -1.5
+    assert again.get(Request("a", " c")) is None
 
 
 def test_a_different_model_does_not_reuse_the_cache(project, fake_lm):

@@ -32,8 +32,8 @@ class CachedLM:
     def _through_cache(self, requests: list, compute) -> list:
         """Results from the cache; the rest computed in one call (in first-seen order) and remembered."""
         wanted = list(dict.fromkeys(requests))
-        known = {r: self.cache.get(r) for r in wanted}
-        missing = [r for r, v in known.items() if v is None]
+        known = self.cache.get_many(wanted)
+        missing = [r for r in wanted if r not in known]
         if missing:
             fresh = dict(zip(missing, compute(missing)))
             self.cache.add(fresh)
