@@ -203,6 +203,10 @@ class FinetuneConfig(_Strict):
     """Decoder LMs on multiple choice and generation: the prompt template (same syntax as prompting)."""
     chat: bool = False
     """Generation: wrap the prompt in the model's chat template."""
+    packing: bool = False
+    """Decoder LMs (generation, multiple choice): train on each batch packed into one row without
+    padding, every example attending only to itself (checked before training). Pays off with
+    flash attention on a GPU; on a CPU, length-grouped batches already waste little padding."""
 
 
 class RunConfig(_Strict):

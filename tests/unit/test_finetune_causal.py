@@ -7,7 +7,9 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from helpers.finetune import FAST, PRECISION, one_thread  # noqa: F401  (autouse fixture)
 from helpers.tiny import build_tiny_model
@@ -223,3 +225,57 @@ def test_killed_run_resumes_to_the_same_rows(root, results, monkeypatch):
     assert resumed.info["resumed_from_step"] == 5  # 36 examples / 8 per batch: 5 steps an epoch, evaluated each
     assert resumed.info["evaluations"] == uninterrupted.info["evaluations"]
     assert resumed.rows == uninterrupted.rows
+
+
+def test_packed_training_matches_padded_training(root):
+    """Packing changes the batch layout, not what each token sees: same dev figures, predictions
+    and weights as padded batches (float32; no dropout, whose random masks follow the layout)."""
+    settings = {**SETTINGS["lora"], "dropout": 0.0, "epochs": 8}
+    packed = causal.generation(make_job(root, "generation-packed", "generation", **settings, packing=True))
+    padded = causal.generation(make_job(root, "generation-padded", "generation", **settings))
+    assert packed.info["packing"] is True and packed.info["packing_check_max_abs_diff"] < causal.PACKING_TOLERANCE
+    assert padded.info["packing"] is False
+    # (eval losses differ: the Trainer weights each eval batch's mean loss by its row count)
+    accuracy = [e["token_accuracy"] for e in packed.info["evaluations"]]
+    assert accuracy == pytest.approx([e["token_accuracy"] for e in padded.info["evaluations"]], abs=1e-6)
+    assert [r["prediction"] for r in packed.rows] == [r["prediction"] for r in padded.rows]
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([list(range(3, 40))])
+    a, b = (AutoModelForCausalLM.from_pretrained(r.info["model_folder"]) for r in (packed, padded))
+    assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-3)
+
+
+def test_packing_check_catches_attention_across_examples(root):
+    """A model that drops the restarting position ids lets packed examples attend to each other:
+    the check sees it and the run trains unpacked."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "decoder")
+    model = AutoModelForCausalLM.from_pretrained(root / "decoder")
+    job = make_job(root, "packing-check", "generation", **SETTINGS["lora"])
+    pairs = [causal.Prompter(job, tokenizer).pair(ex) for ex in job.task.split("train")[:4]]
+    features, _ = causal.encode_all(tokenizer, pairs, 256, eos=True, joint=False)
+    assert causal.packing_leaks(model, tokenizer, features) < causal.PACKING_TOLERANCE
+
+    class IgnoresPositions(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, position_ids=None, use_cache=None):
+            return self.inner(input_ids=input_ids, use_cache=use_cache)  # one long causal sequence
+
+    assert causal.packing_leaks(IgnoresPositions(model), tokenizer, features) > 0.01
+
+
+def test_answer_metrics_count_each_packed_answer():
+    """Exact match per answer, whether answers sit in their own rows or share a packed row."""
+    from types import SimpleNamespace
+
+    x = -100
+    labels = np.array([[x, x, 5, 6, x, x, 7, x, 8, 9]])  # three answers: [5 6], [7], [8 9]
+    hits = np.array([[0, 1, 1, 0, 0, 0, 0, 1, 1]])  # position t predicts label t + 1
+    out = causal.answer_metrics(SimpleNamespace(predictions=hits, label_ids=labels))
+    assert out["exact_match"] == pytest.approx(2 / 3)  # [5 6] right, [7] wrong, [8 9] right
+    assert out["token_accuracy"] == pytest.approx(4 / 5)

@@ -32,6 +32,9 @@ METRIC = "token_accuracy"
 MARGIN_TOKENS = 8
 """Generation: new tokens allowed beyond the longest training answer."""
 MC_DEFAULT = "Question: {{ question }}\nAnswer: {{ answer }}"
+PACKING_CHECK_INPUTS = 4
+PACKING_TOLERANCE = 1e-4
+"""Packed and unpacked logits may differ by float rounding only (float32 at check time)."""
 
 
 @dataclass
@@ -57,13 +60,15 @@ def generation(job: FinetuneJob) -> FinetuneResult:
         truncated += cut
     masked = masked_example(tokenizer, features["train"][0])
     # train
-    trainer, stats = _train(job, prepared, features)
+    trainer, stats, packing = _train(job, prepared, features)
     # evaluate
-    final, merge_diff = common.final_model(job, trainer, prepared, probe=features["dev"] + features["train"])
+    final, merge_diff = common.final_model(
+        job, trainer, prepared, features["dev"] + features["train"], padding_collator(tokenizer)
+    )
     longest = max(sum(1 for x in f["labels"] if x != -100) for f in features["train"])
     rows = _generate(job, prompter, final, tokenizer, prepared.max_length, longest + MARGIN_TOKENS)
     # save
-    info = _info(job, trainer, prepared, stats, final, merge_diff, truncated, masked)
+    info = {**_info(job, trainer, prepared, stats, final, merge_diff, truncated, masked), **packing}
     info.update(max_new_tokens=longest + MARGIN_TOKENS, model_folder=str(common.save(job, trainer, final, tokenizer)))
     return FinetuneResult(rows=rows, info=info)
 
@@ -83,11 +88,13 @@ def multiple_choice(job: FinetuneJob) -> FinetuneResult:
         features[split], cut = encode_all(tokenizer, [prompter.pair(ex) for ex in exs], prepared.max_length)
         truncated += cut
     masked = masked_example(tokenizer, features["train"][0])
-    trainer, stats = _train(job, prepared, features)
-    final, merge_diff = common.final_model(job, trainer, prepared, probe=features["dev"] + features["train"])
+    trainer, stats, packing = _train(job, prepared, features)
+    final, merge_diff = common.final_model(
+        job, trainer, prepared, features["dev"] + features["train"], padding_collator(tokenizer)
+    )
     lm = HFLM(final, tokenizer, prepared.loaded.identity)
     rows = mc_rows(job.test, [prompter.context(ex) for ex in job.test], lm)
-    info = _info(job, trainer, prepared, stats, final, merge_diff, truncated, masked)
+    info = {**_info(job, trainer, prepared, stats, final, merge_diff, truncated, masked), **packing}
     info.update(model_folder=str(common.save(job, trainer, final, tokenizer)))
     return FinetuneResult(rows=rows, info=info)
 
@@ -184,17 +191,68 @@ def masked_example(tokenizer: Any, feature: dict) -> str:
     return shown
 
 
-def _train(job: FinetuneJob, prepared: common.Prepared, features: dict) -> tuple[Any, training.TrainStats]:
+def padding_collator(tokenizer: Any):
+    """Pads each batch to its longest feature (labels with -100); features without labels
+    (the merge check's probe) get none."""
     from transformers import DataCollatorForSeq2Seq
 
-    tokenizer = prepared.loaded.tokenizer
     pad = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
 
-    def collator(features: list[dict]) -> dict:
-        # Without labels (the merge check's probe) DataCollatorForSeq2Seq returns labels=None.
+    def collate(features: list[dict]) -> dict:
         return {k: v for k, v in pad(features).items() if v is not None}
 
-    return training.train(
+    return collate
+
+
+def packing_collator():
+    """Packs a batch into one row: position ids restart at each feature, which transformers'
+    attention turns into per-feature causal blocks; a feature's first label is -100, so no
+    loss crosses a boundary."""
+    from transformers import DataCollatorWithFlattening
+
+    flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+
+    def collate(features: list[dict]) -> dict:
+        batch = flatten([{k: f[k] for k in ("input_ids", "labels") if k in f} for f in features])
+        return {**batch, "use_cache": False}  # transformers reads packing from position ids only without a cache
+
+    return collate
+
+
+def packing_leaks(model: Any, tokenizer: Any, features: list[dict]) -> float:
+    """Largest |logit| difference between features scored alone and packed into one row (0 when
+    packing keeps them apart; attention that ignores the boundaries shows up here)."""
+    probe = [{k: f[k] for k in ("input_ids", "labels")} for f in features[:PACKING_CHECK_INPUTS]]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        alone = [
+            model(input_ids=torch.tensor([f["input_ids"]], device=device), use_cache=False).logits[0] for f in probe
+        ]
+        batch = {k: v.to(device) for k, v in packing_collator()(probe).items() if k != "labels" and torch.is_tensor(v)}
+        packed = model(**batch, use_cache=False).logits
+    model.train(was_training)
+    return float((torch.cat(alone) - packed[0]).abs().max())
+
+
+def _train(job: FinetuneJob, prepared: common.Prepared, features: dict) -> tuple[Any, training.TrainStats, dict]:
+    """Train; returns the Trainer, its stats, and the packing facts for the manifest."""
+    tokenizer = prepared.loaded.tokenizer
+    collator, packing = padding_collator(tokenizer), {"packing": False}
+    if job.config.packing:
+        leak = packing_leaks(prepared.model, tokenizer, features["train"])
+        packing = {"packing": leak <= PACKING_TOLERANCE, "packing_check_max_abs_diff": leak}
+        if packing["packing"]:
+            collator = packing_collator()
+        else:
+            log.warning(
+                "%s.packing: '%s' lets packed examples see each other (logits moved by %.3g); training unpacked",
+                job.where,
+                job.model.name,
+                leak,
+            )
+    trainer, stats = training.train(
         job,
         prepared.model,
         tokenizer,
@@ -206,6 +264,7 @@ def _train(job: FinetuneJob, prepared: common.Prepared, features: dict) -> tuple
         collator=collator,
         preprocess_logits=greedy_hits,
     )
+    return trainer, stats, packing
 
 
 def greedy_hits(logits: Any, labels: torch.Tensor) -> torch.Tensor:
@@ -215,14 +274,23 @@ def greedy_hits(logits: Any, labels: torch.Tensor) -> torch.Tensor:
 
 
 def answer_metrics(eval_pred: Any) -> dict[str, float]:
-    """Token accuracy over the answer tokens, and the share of answers with every token right."""
+    """Token accuracy over the answer tokens, and the share of answers with every token right.
+
+    An answer is a run of consecutive labelled positions (a packed row holds several, each
+    after its own -100 prompt)."""
     hits = np.asarray(eval_pred.predictions)
     labels = np.asarray(eval_pred.label_ids)[:, 1:]
     width = min(hits.shape[1], labels.shape[1])  # both are padded to the longest batch (-100)
     hits, mask = hits[:, :width], labels[:, :width] != -100
     correct = (hits == 1) & mask
-    whole = [bool(c[m].all()) for c, m in zip(correct, mask)]
-    return {METRIC: float(correct.sum() / max(mask.sum(), 1)), "exact_match": float(np.mean(whole))}
+    whole = [bool(c[start:end].all()) for c, m in zip(correct, mask) for start, end in _runs(m)]
+    return {METRIC: float(correct.sum() / max(mask.sum(), 1)), "exact_match": float(np.mean(whole)) if whole else 0.0}
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of True in a 1-D mask."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 
 def _generate(job, prompter: Prompter, model, tokenizer, max_length: int, max_new: int) -> list[dict]:

@@ -311,8 +311,11 @@ def float32_base(job: Any, model: nn.Module, auto_class: type, **head: Any) -> n
         return PeftModel.from_pretrained(base, tmp).to(device)
 
 
-def final_model(job: Any, trainer: Any, prepared: Prepared, probe: list[dict]) -> tuple[nn.Module, float | None]:
-    """The best checkpoint's model (the Trainer loaded it), LoRA merged in and checked on `probe`.
+def final_model(
+    job: Any, trainer: Any, prepared: Prepared, probe: list[dict], collator: Any = None
+) -> tuple[nn.Module, float | None]:
+    """The best checkpoint's model (the Trainer loaded it), LoRA merged in and checked on `probe`
+    (batched by `collator`, default the Trainer's; it must keep one row per feature).
 
     Returns the model and the merge check's max |logit difference| (None for full fine-tuning)."""
     # Mixed precision wraps `forward` in autocast; the exported model and the float32 merge
@@ -322,7 +325,7 @@ def final_model(job: Any, trainer: Any, prepared: Prepared, probe: list[dict]) -
         return model, None
     if job.config.method == "qlora":
         model = float32_base(job, model, prepared.auto_class, **prepared.head)
-    return merge_checked(job, model, probe[:MERGE_CHECK_INPUTS], trainer.data_collator)
+    return merge_checked(job, model, probe[:MERGE_CHECK_INPUTS], collator or trainer.data_collator)
 
 
 def save(job: Any, trainer: Any, model: nn.Module, tokenizer: Any) -> Path:
