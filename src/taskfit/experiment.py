@@ -151,11 +151,12 @@ def run(
         model_lm = lm or _load(model)
         cached = CachedLM(model_lm, ScoreCache.for_model(out_dir, model_lm.identity))
         try:
-            for cell in prompted:
-                prompt = p.runs[cell.run].prompt
-                per_cell[cell] = run_cell(
-                    cell, prompt, p.task, p.test_examples(), cached, out_dir, p.experiment.root, progress, tracker
-                )
+            with cached.session():
+                for cell in prompted:
+                    prompt = p.runs[cell.run].prompt
+                    per_cell[cell] = run_cell(
+                        cell, prompt, p.task, p.test_examples(), cached, out_dir, p.experiment.root, progress, tracker
+                    )
         finally:
             cached.cache.close()
         del model_lm, cached  # one model in memory at a time

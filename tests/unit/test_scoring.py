@@ -118,3 +118,31 @@ def test_tree_mask_hides_sibling_continuations():
 def test_chat_wraps_prompt_as_user_turn(lm):
     text = lm.chat("Is it good?")
     assert text.startswith("<|im_start|>user\nIs it good?") and text.endswith("<|im_start|>assistant\n")
+
+
+def test_auto_precision_per_device(monkeypatch):
+    """`auto`: float32 weights under bf16 autocast on a CPU with native bf16, float32 on others."""
+    from taskfit.models import hf
+
+    monkeypatch.setattr(hf, "cpu_has_native_bf16", lambda: True)
+    auto = hf.pick_precision("auto", "cpu")
+    assert (auto.weights, auto.compute) == (torch.float32, torch.bfloat16)
+    assert auto.name == "bfloat16 autocast, float32 weights"
+    monkeypatch.setattr(hf, "cpu_has_native_bf16", lambda: False)
+    assert hf.pick_precision("auto", "cpu").name == "float32"
+    assert hf.pick_precision("bfloat16", "cpu").name == "bfloat16"
+    assert hf.pick_precision("float32", "cpu").name == "float32"
+
+
+def test_autocast_scores_close_to_float32_and_keep_float32_weights(tiny_folder, lm, monkeypatch):
+    from taskfit.models import hf
+
+    monkeypatch.setattr(hf, "cpu_has_native_bf16", lambda: True)
+    mixed = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="auto", device="cpu"))
+    assert mixed.model.dtype == torch.float32 and mixed.identity["dtype"] == "bfloat16 autocast, float32 weights"
+    exact = lm.loglikelihood(requests())
+    rounded = mixed.loglikelihood(requests())
+    assert rounded != exact  # the products did run in bf16
+    assert rounded == pytest.approx(exact, rel=0.01)
+    # other batch layouts round differently in bf16; exact order-independence is a float32 promise
+    assert mixed.loglikelihood(list(reversed(requests()))) == pytest.approx(list(reversed(rounded)), rel=0.01)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats
 
 from taskfit.evaluation.metrics import Metric, resample_blocks
 
@@ -114,6 +113,8 @@ def mcnemar_exact(correct_a, correct_b) -> dict:
     if a_only + b_only == 0:
         p = 1.0
     else:
+        from scipy import stats  # here, not at import: scipy.stats costs ~1 s of every run's start-up
+
         p = stats.binomtest(a_only, a_only + b_only, 0.5, alternative="two-sided").pvalue
     return {"a_only": a_only, "b_only": b_only, "p_value": float(p)}
 
@@ -214,6 +215,8 @@ def minimum_detectable_difference(
         raise ValueError(f"n must be >= 1, got {n}")
     if not (0 < alpha < 1 and 0 < power < 1):
         raise ValueError(f"alpha and power must lie in (0, 1), got alpha={alpha}, power={power}")
+    from scipy import stats
+
     z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
     if discordance is not None:
         if p is not None:

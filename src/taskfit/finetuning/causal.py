@@ -78,7 +78,7 @@ def multiple_choice(job: FinetuneJob) -> FinetuneResult:
     scorer (`HFLM.loglikelihood`), so the fine-tuned model is evaluated like a prompted one."""
     from transformers import AutoModelForCausalLM
 
-    from taskfit.models.hf import HFLM
+    from taskfit.models.hf import HFLM, pick_precision
 
     prepared = common.prepare(job, AutoModelForCausalLM, "CAUSAL_LM", stratify=lambda ex: ex.gold)
     tokenizer = prepared.loaded.tokenizer
@@ -92,7 +92,8 @@ def multiple_choice(job: FinetuneJob) -> FinetuneResult:
     final, merge_diff = common.final_model(
         job, trainer, prepared, features["dev"] + features["train"], padding_collator(tokenizer)
     )
-    lm = HFLM(final, tokenizer, prepared.loaded.identity)
+    device = "cpu" if training.uses_cpu(job.model.device) else "cuda"
+    lm = HFLM(final, tokenizer, prepared.loaded.identity, precision=pick_precision(job.model.dtype, device))
     rows = mc_rows(job.test, [prompter.context(ex) for ex in job.test], lm)
     info = {**_info(job, trainer, prepared, stats, final, merge_diff, truncated, masked), **packing}
     info.update(model_folder=str(common.save(job, trainer, final, tokenizer)))

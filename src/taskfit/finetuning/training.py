@@ -58,9 +58,9 @@ def uses_cpu(device: str) -> bool:
 def mixed_precision(model: Any) -> bool:
     """bf16 autocast (float32 master weights) where `model.dtype` resolves to bfloat16: `auto` on a
     GPU or a CPU that computes bf16 natively (~1.5x faster LoRA steps on this project's CPU)."""
-    from taskfit.models.hf import pick_dtype
+    from taskfit.models.hf import pick_precision
 
-    return pick_dtype(model.dtype, "cpu" if uses_cpu(model.device) else "cuda") == torch.bfloat16
+    return pick_precision(model.dtype, "cpu" if uses_cpu(model.device) else "cuda").compute == torch.bfloat16
 
 
 def autocast(model: Any) -> Any:

@@ -3,6 +3,7 @@ interrupted runs resume and changed configs recompute only what changed."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from taskfit.models.base import LM, GenerationRequest, Request
@@ -19,6 +20,11 @@ class CachedLM:
     @property
     def identity(self) -> dict[str, Any]:
         return self.lm.identity
+
+    def session(self) -> Any:
+        """The backend's context for a run of calls (see `HFLM.session`), if it has one."""
+        session = getattr(self.lm, "session", None)
+        return session() if session else contextlib.nullcontext()
 
     def chat(self, user_message: str) -> str:
         return self.lm.chat(user_message)
