@@ -1,6 +1,6 @@
 """Repeated sampling throughput: taskfit's prompt-once generator vs one HF `generate` per sample.
 
-    python benchmarks/generation_bench.py                 # 50 prompts x 8 samples, float32 and bfloat16
+    python benchmarks/generation_bench.py                 # 50 prompts x 8 samples, dtype float32 and auto
     python benchmarks/generation_bench.py --prompts 10 --dtypes float32 --threads 1
 
 On a shared machine use --threads 1: with every core already busy, torch's default of one
@@ -15,14 +15,16 @@ are compared on a few prompts (they must agree token for token).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+from pathlib import Path
 
 import torch
 
 from taskfit.models.base import GenerationRequest
 from taskfit.models.generation import Generator
-from taskfit.models.hf import _max_length
+from taskfit.models.hf import _max_length, pick_precision
 from taskfit.models.registry import resolve
 
 SUBJECTS = [
@@ -82,7 +84,8 @@ def naive(model, tokenizer, texts: list[str], samples: int, new: int) -> int:
     return tokens
 
 
-def check_greedy(model, tokenizer, gen: Generator, texts: list[str]) -> None:
+def check_greedy(model, tokenizer, gen: Generator, texts: list[str]) -> bool:
+    same = 0
     for text in texts:
         (g,) = gen.run(GenerationRequest(text, max_new_tokens=32))
         ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
@@ -96,6 +99,8 @@ def check_greedy(model, tokenizer, gen: Generator, texts: list[str]) -> None:
         ref = [t for t in ref if t not in gen.stop_ids]
         status = "same" if ref == g.tokens else "DIFFERENT"
         print(f"  greedy check: {status} ({len(g.tokens)} tokens) {g.text[:60]!r}")
+        same += ref == g.tokens
+    return same == len(texts)
 
 
 def timed(fn, *args) -> tuple[int, float]:
@@ -109,9 +114,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "auto"], help="model.dtype values")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="alias or folder")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "generation")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,12 +129,14 @@ def main() -> None:
     texts = prompts(tokenizer, args.prompts)
     print(f"model {path}\n{len(texts)} prompts x {args.samples} samples, {args.new_tokens} new tokens, T=0.7")
     print(f"torch threads {torch.get_num_threads()}, cpu count {os.cpu_count()}, load average {os.getloadavg()}")
+    results = {}
     for dtype in args.dtypes:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        precision = pick_precision(dtype, "cpu")  # both sides compute alike: weights and autocast
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=precision.weights).eval()
         gen = Generator(model, tokenizer, _max_length(model, tokenizer))
-        print(f"\n[{dtype}]")
-        with torch.inference_mode():
-            check_greedy(model, tokenizer, gen, texts[:3])
+        print(f"\n[{dtype}: {precision.name}]")
+        with torch.no_grad(), precision.autocast("cpu"):
+            same = check_greedy(model, tokenizer, gen, texts[:3])
             ours(gen, texts[:1], 2, 4)  # warm-up
             t_ours, s_ours = timed(ours, gen, texts, args.samples, args.new_tokens)
             t_hf, s_hf = timed(naive, model, tokenizer, texts, args.samples, args.new_tokens)
@@ -136,6 +144,18 @@ def main() -> None:
         print(f"  taskfit prompt-once : {t_ours:6d} tokens in {s_ours:7.1f} s = {r_ours:7.1f} tokens/s")
         print(f"  HF generate/sample  : {t_hf:6d} tokens in {s_hf:7.1f} s = {r_hf:7.1f} tokens/s")
         print(f"  ratio {r_ours / r_hf:.2f}x   load average {os.getloadavg()}")
+        results[dtype] = {
+            "precision": precision.name,
+            "taskfit_tokens_per_s": r_ours,
+            "hf_tokens_per_s": r_hf,
+            "ratio": r_ours / r_hf,
+            "greedy_same": same,
+            "prompts": len(texts),
+            "samples": args.samples,
+            "new_tokens": args.new_tokens,
+        }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     (args.out / "results.md").write_text(table + "\n")
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -109,6 +109,7 @@ def main() -> None:
         "| run s |",
         "|---|---:|---:|---:|---:|---:|",
     ]
+    rows = {}
     for dtype in args.dtypes.split(","):
         lm = taskfit.load_model(ModelConfig(dtype=dtype))
         scoring_throughput(lm, args.out, 8)  # warm-up: first calls pay one-off costs
@@ -120,6 +121,8 @@ def main() -> None:
             f"{run['tokens_per_s'] / body:.0%} | {padding:.0%} | {run['seconds']:.1f} |"
         )
         print(lines[-1], flush=True)
+        rows[dtype] = {"precision": lm.precision.name, "body_tokens_per_s": body, **run, "padding_share": padding}
+        del lm
     load = load_times(3)
     threads = args.threads or torch.get_num_threads()
     text = (
@@ -129,6 +132,7 @@ def main() -> None:
         f"(goal < 2 s), after importing taskfit, torch and transformers' Llama code: {load['import_s']:.2f} s.\n"
     )
     (args.out / "results.md").write_text(text)
+    (args.out / "results.json").write_text(json.dumps({"threads": threads, "scoring": rows, "load": load}, indent=2))
     print("\n" + text)
 
 
