@@ -83,6 +83,7 @@ def run_cell(
     start = time.perf_counter()
     prompt = cell.prompt_of(prompt)
     computed_before, truncated_before = lm.computed, getattr(lm.lm, "truncated", 0)
+    rechecked_before = getattr(lm.lm, "rechecked", 0)
     task, dev = _splits_for(cell, prompt, task)
     where = f"runs.{cell.run}.prompt"
     selection = None
@@ -99,6 +100,7 @@ def run_cell(
         **({"selection": selection} if selection else {}),
         "requests_computed": lm.computed - computed_before,
         "truncated_prompts": truncated,
+        **({"rechecked_in_float32": lm.lm.rechecked - rechecked_before} if hasattr(lm.lm, "rechecked") else {}),
         "trainable_parameters": 0,
         "config": {"prompt": prompt.model_dump(mode="json")},
     }

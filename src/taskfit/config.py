@@ -31,6 +31,10 @@ class ModelConfig(_Strict):
     """`auto`: a GPU when one is present, else the CPU; or `cpu`, `cuda`, `cuda:1`, ..."""
     batch_tokens: int = Field(4096, gt=0)
     """Upper bound on tokens per forward batch when scoring; does not change any score."""
+    recheck_margin: float = Field(0.5, ge=0)
+    """Under bf16 autocast (float32 weights): an example whose two best answers score within this
+    many nats of each other is scored again in float32, so that bf16 rounding cannot flip a
+    near-tie (0: never)."""
 
 
 class DataConfig(_Strict):

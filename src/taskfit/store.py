@@ -92,6 +92,8 @@ class ScoreCache:
     @classmethod
     def for_model(cls, out: Path, identity: dict[str, Any]) -> ScoreCache:
         fields = {k: identity.get(k) for k in ("name", "sha256", "hub_id", "dtype")}
+        if identity.get("recheck_margin"):
+            fields["recheck_margin"] = identity["recheck_margin"]
         fields["device"] = str(identity.get("device", "")).split(":")[0]
         key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
         return cls(out / "cache" / f"{key}.sqlite")

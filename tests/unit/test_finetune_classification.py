@@ -302,3 +302,30 @@ def test_heads_are_found_by_name_or_by_weights_new_at_loading(root):
     ):
         loaded = common.load(make_job(root, "heads", model, **SETTINGS["lora"]), AutoModelForSequenceClassification)
         assert loaded.heads == heads  # LoRA trains them in full: a frozen random head cannot learn
+
+
+def test_a_merge_that_changes_the_logits_stops_the_run(root, monkeypatch):
+    """A merged model that computes something else than the trained adapter is never exported."""
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+
+    job = make_job(root, "broken-merge", **SETTINGS["lora"])
+    loaded = common.load(job, AutoModelForSequenceClassification, num_labels=2)
+    model = common.add_lora(job, loaded.model, "SEQ_CLS", loaded.heads)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    inputs, _ = data.tokenize(loaded.tokenizer, [("the food was good",), ("the room was awful",)], 32)
+    collator = DataCollatorWithPadding(loaded.tokenizer)
+    original = model.merge_and_unload
+
+    def lossy_merge(*args, **kwargs):  # as if the update were scaled wrongly while merging
+        for module in model.modules():
+            if isinstance(getattr(module, "scaling", None), dict):
+                module.scaling = {k: v * 0.5 for k, v in module.scaling.items()}
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "merge_and_unload", lossy_merge, raising=False)
+    with pytest.raises(TaskfitError, match="changed the logits by up to") as caught:
+        common.merge_checked(job, model, inputs, collator)
+    assert "Nothing was exported" in str(caught.value) and "runs.ft.finetune" in str(caught.value)

@@ -146,3 +146,53 @@ def test_autocast_scores_close_to_float32_and_keep_float32_weights(tiny_folder, 
     assert rounded == pytest.approx(exact, rel=0.01)
     # other batch layouts round differently in bf16; exact order-independence is a float32 promise
     assert mixed.loglikelihood(list(reversed(requests()))) == pytest.approx(list(reversed(rounded)), rel=0.01)
+
+
+def test_batches_cover_every_row_once_within_the_budget_and_pad_little():
+    """The batch plan: every row once, longest first, under `batch_tokens` (a longer row alone),
+    and cheaper (padded tokens + per-batch overhead) than cutting greedily at `batch_tokens`."""
+    import random
+
+    from taskfit.models.scoring import BATCH_OVERHEAD, TreeScorer, _Row
+
+    rng = random.Random(0)
+    rows = [_Row(i, [1] * rng.randint(5, 120), [], [], []) for i in range(150)] + [_Row(150, [1] * 700, [], [], [])]
+    scorer = object.__new__(TreeScorer)
+    scorer.batch_tokens = 600
+    batches = scorer._batches(rows)
+    assert sorted(r.group for b in batches for r in b) == list(range(151))
+    padded = 0
+    for batch in batches:
+        longest = max(len(r.tokens) for r in batch)
+        assert len(batch[0].tokens) == longest
+        assert longest * len(batch) <= scorer.batch_tokens or len(batch) == 1
+        padded += longest * len(batch)
+    greedy, batch, count = 0, [], 1
+    for row in sorted(rows, key=lambda r: -len(r.tokens)):
+        if batch and len(batch[0].tokens) * (len(batch) + 1) > scorer.batch_tokens:
+            greedy, batch, count = greedy + len(batch[0].tokens) * len(batch), [], count + 1
+        batch.append(row)
+    greedy += len(batch[0].tokens) * len(batch)
+    assert padded + BATCH_OVERHEAD * len(batches) < greedy + BATCH_OVERHEAD * count
+
+
+def test_close_calls_are_rechecked_in_float32(tiny_folder, lm, monkeypatch):
+    """Under bf16 autocast, a group whose two best continuations are within `recheck_margin` is
+    scored again in float32: with a huge margin every group is, and the scores are float32's."""
+    from taskfit.models import hf
+
+    monkeypatch.setattr(hf, "cpu_has_native_bf16", lambda: True)
+    exact = lm.loglikelihood(requests())
+    groups = len({r.context for r in requests()})
+    always = HFLM.load(ModelConfig(name=str(tiny_folder), device="cpu", recheck_margin=1e9))
+    assert always.loglikelihood(requests()) == exact and always.rechecked == groups
+    assert always.identity["recheck_margin"] == 1e9  # part of the score cache's key
+    never = HFLM.load(ModelConfig(name=str(tiny_folder), device="cpu", recheck_margin=0))
+    assert never.loglikelihood(requests()) != exact and never.rechecked == 0
+    gaps = [
+        hf._top_gap([(lp, True) for lp, r in zip(exact, requests()) if r.context == c])
+        for c in {r.context for r in requests()}
+    ]
+    some = HFLM.load(ModelConfig(name=str(tiny_folder), device="cpu", recheck_margin=sorted(gaps)[1] + 1e-3))
+    some.loglikelihood(requests())
+    assert 1 <= some.rechecked < groups

@@ -75,12 +75,31 @@ def pick_precision(name: str, device: str) -> Precision:
     return Precision(torch.float32, torch.float32)
 
 
+def _top_gap(scored: list[tuple[float, bool]]) -> float:
+    """Log-likelihood gap between the two best continuations of a group (inf with fewer than two)."""
+    if len(scored) < 2:
+        return float("inf")
+    best, second = sorted((lp for lp, _ in scored), reverse=True)[:2]
+    return best - second
+
+
 class HFLM:
     """A causal LM from transformers behind the `LM` contract."""
 
-    def __init__(self, model, tokenizer, identity: dict[str, Any], batch_tokens: int = 4096, precision=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        identity: dict[str, Any],
+        batch_tokens: int = 4096,
+        precision=None,
+        recheck_margin: float = 0.0,
+    ):
         self.model = model.eval()
         self.precision = precision or Precision(model.dtype, model.dtype)
+        self.recheck_margin = recheck_margin
+        self.rechecked = 0
+        """Groups scored again in float32 because their two best continuations were within the margin."""
         self.tokenizer = tokenizer
         self.identity = identity
         self.scorer = TreeScorer(model, batch_tokens)
@@ -105,7 +124,9 @@ class HFLM:
                 "already in the Hugging Face cache; otherwise give a local folder, a .gguf file or an alias."
             ) from None
         identity = {**resolved.identity, "dtype": precision.name, "device": device}
-        return cls(model, tokenizer, identity, config.batch_tokens, precision)
+        if precision.compute != precision.weights and config.recheck_margin:
+            identity["recheck_margin"] = config.recheck_margin  # it changes scores: part of the cache key
+        return cls(model, tokenizer, identity, config.batch_tokens, precision, config.recheck_margin)
 
     def session(self) -> Any:
         """A context for many calls in a row: under bf16 autocast, the bf16 copies of the weights
@@ -139,7 +160,21 @@ class HFLM:
         index = {key: i for i, key in enumerate(groups)}
         with self.precision.autocast(str(self.scorer.device)):
             results = self.scorer.score(ordered)
+        self._recheck_close_calls(ordered, results)
         return [results[index[key]][j] for key, j in where]
+
+    def _recheck_close_calls(self, groups: list[Group], results: list) -> None:
+        """Score again, in float32, the groups that bf16 autocast left with a near-tie at the top."""
+        if not self.recheck_margin or self.precision.compute == self.precision.weights:
+            return
+        close = [i for i, scored in enumerate(results) if _top_gap(scored) < self.recheck_margin]
+        if not close:
+            return
+        with torch.autocast(str(self.scorer.device).split(":")[0], enabled=False):
+            exact = self.scorer.score([groups[i] for i in close])
+        for i, scored in zip(close, exact):
+            results[i] = scored
+        self.rechecked += len(close)
 
     def generate(self, requests: list[GenerationRequest]) -> list[list[str]]:
         """`samples` continuations per request: the prompt runs once, samples decode together."""
