@@ -72,7 +72,7 @@ def run_finetune_cell(
         where=f"runs.{cell.run}.finetune",
     )
     result = run_finetune(job)
-    identity = {**resolve(cell.model.name).identity, "dtype": "float32"}
+    identity = {**resolve(cell.model.name).identity, "dtype": result.info.get("dtype", "float32")}
     extra = {
         "trainable_parameters": result.info.get("trainable_parameters", 0),
         "train_examples": len(train),

@@ -63,8 +63,8 @@ class PredictionFile:
 
 
 def request_key(req: tuple) -> str:
-    """Log-likelihood requests keep their original key (context NUL continuation), so caches
-    written before generation existed stay valid; other requests hash their type and fields."""
+    """The cache key of a request: the hash of `context NUL continuation` for log-likelihood
+    requests, of the type and all fields for the others."""
     if isinstance(req, Request):
         text = f"{req.context}\x00{req.continuation}"
     else:
