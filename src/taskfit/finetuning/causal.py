@@ -33,8 +33,6 @@ MARGIN_TOKENS = 8
 """Generation: new tokens allowed beyond the longest training answer."""
 MC_DEFAULT = "Question: {{ question }}\nAnswer: {{ answer }}"
 PACKING_CHECK_INPUTS = 4
-PACKING_TOLERANCE = 1e-4
-"""Packed and unpacked logits may differ by float rounding only (float32 at check time)."""
 
 
 @dataclass
@@ -220,9 +218,10 @@ def packing_collator():
     return collate
 
 
-def packing_leaks(model: Any, tokenizer: Any, features: list[dict]) -> float:
-    """Largest |logit| difference between features scored alone and packed into one row (0 when
-    packing keeps them apart; attention that ignores the boundaries shows up here)."""
+def packing_leaks(model: Any, tokenizer: Any, features: list[dict]) -> tuple[float, float]:
+    """Largest |logit| difference between features scored alone and packed into one row (float
+    rounding only, when packing keeps them apart; attention across boundaries shows up here),
+    and the largest |logit| (the scale that rounding follows)."""
     probe = [{k: f[k] for k in ("input_ids", "labels")} for f in features[:PACKING_CHECK_INPUTS]]
     device = next(model.parameters()).device
     was_training = model.training
@@ -234,7 +233,8 @@ def packing_leaks(model: Any, tokenizer: Any, features: list[dict]) -> float:
         batch = {k: v.to(device) for k, v in packing_collator()(probe).items() if k != "labels" and torch.is_tensor(v)}
         packed = model(**batch, use_cache=False).logits
     model.train(was_training)
-    return float((torch.cat(alone) - packed[0]).abs().max())
+    alone = torch.cat(alone)
+    return float((alone - packed[0]).abs().max()), float(alone.abs().max())
 
 
 def _train(job: FinetuneJob, prepared: common.Prepared, features: dict) -> tuple[Any, training.TrainStats, dict]:
@@ -242,8 +242,9 @@ def _train(job: FinetuneJob, prepared: common.Prepared, features: dict) -> tuple
     tokenizer = prepared.loaded.tokenizer
     collator, packing = padding_collator(tokenizer), {"packing": False}
     if job.config.packing:
-        leak = packing_leaks(prepared.model, tokenizer, features["train"])
-        packing = {"packing": leak <= PACKING_TOLERANCE, "packing_check_max_abs_diff": leak}
+        leak, scale = packing_leaks(prepared.model, tokenizer, features["train"])
+        apart = leak <= common.MERGE_TOLERANCE + common.MERGE_RELATIVE * scale  # the merge check's float32 rule
+        packing = {"packing": apart, "packing_check_max_abs_diff": leak}
         if packing["packing"]:
             collator = packing_collator()
         else:
