@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -24,3 +26,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class Killed(Exception):
+    """Stands in for the process being killed."""
+
+
+@contextlib.contextmanager
+def killed_after_first_checkpoint():
+    """Inside, the Trainer dies right after saving its first checkpoint (the body must raise Killed);
+    saving is normal again after the block, so the same job can then resume."""
+    from transformers import Trainer
+
+    save = Trainer._save_checkpoint
+
+    def save_then_die(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise Killed
+
+    Trainer._save_checkpoint = save_then_die
+    try:
+        with pytest.raises(Killed):
+            yield
+    finally:
+        Trainer._save_checkpoint = save

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.finetune import FAST, PRECISION, one_thread  # noqa: F401  (autouse fixture)
+from helpers.finetune import FAST, PRECISION, killed_after_first_checkpoint, one_thread  # noqa: F401  (autouse fixture)
 from helpers.tiny import build_tiny_model
 from taskfit.config import ModelConfig, load_experiment
 from taskfit.evaluation.text_metrics import exact_match
@@ -203,23 +203,9 @@ def test_default_templates(root):
     assert pair == causal.Pair("Question: colour of dog?\nAnswer: ", "green")
 
 
-class Killed(Exception):
-    pass
-
-
-def test_killed_run_resumes_to_the_same_rows(root, results, monkeypatch):
-    from transformers import Trainer
-
-    save = Trainer._save_checkpoint
-
-    def save_then_die(self, *args, **kwargs):
-        save(self, *args, **kwargs)
-        raise Killed
-
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
+def test_killed_run_resumes_to_the_same_rows(root, results):
+    with killed_after_first_checkpoint():
         causal.multiple_choice(make_job(root, "mc-killed", "multiple_choice", **SETTINGS["lora"]))
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save)
     resumed = causal.multiple_choice(make_job(root, "mc-killed", "multiple_choice", **SETTINGS["lora"]))
     uninterrupted = results("multiple_choice", "lora")
     assert resumed.info["resumed_from_step"] == 5  # 36 examples / 8 per batch: 5 steps an epoch, evaluated each

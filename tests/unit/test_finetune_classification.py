@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.finetune import PRECISION, SETTINGS, one_thread  # noqa: F401  (autouse fixture)
+from helpers.finetune import PRECISION, SETTINGS, killed_after_first_checkpoint, one_thread  # noqa: F401  (autouse fixture)
 from helpers.tiny import build_tiny_model
 from helpers.tiny_encoder import build_tiny_encoder, build_tiny_xlnet
 from taskfit.config import ModelConfig, TaskConfig, load_experiment
@@ -180,25 +180,11 @@ def test_same_seed_gives_identical_rows(root, results):
     assert again.info["evaluations"] == first.info["evaluations"]
 
 
-class Killed(Exception):
-    pass
-
-
-def test_killed_run_resumes_from_its_checkpoint_to_the_same_result(root, results, monkeypatch):
-    from transformers import Trainer
-
-    save = Trainer._save_checkpoint
-
-    def save_then_die(self, *args, **kwargs):
-        save(self, *args, **kwargs)
-        raise Killed  # as if the process were killed right after its first checkpoint
-
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
+def test_killed_run_resumes_from_its_checkpoint_to_the_same_result(root, results):
+    with killed_after_first_checkpoint():
         run(make_job(root, "encoder-lora-killed", **SETTINGS["lora"]))
     checkpoints = sorted((root / "encoder-lora-killed" / "checkpoints").glob("checkpoint-*"))
     assert [p.name for p in checkpoints] == ["checkpoint-6"]  # 48 examples / 8 per batch, 12 epochs: every 6 steps
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save)
 
     resumed = run(make_job(root, "encoder-lora-killed", **SETTINGS["lora"]))
     uninterrupted = results("encoder", "lora")
@@ -246,21 +232,31 @@ def test_every_task_type_has_a_recipe():
     assert set(RECIPES) == set(get_args(TaskConfig.model_fields["type"].annotation))
 
 
-def test_qlora_export_path_merges_the_adapter_on_a_float32_copy(root):
+HEAD = {"num_labels": 2, "id2label": dict(enumerate(LABELS)), "label2id": {n: i for i, n in enumerate(LABELS)}}
+
+
+def _trained_looking_adapter(root: Path, folder: str):
+    """The tiny encoder with a LoRA adapter whose B matrices are random (B starts at zero, so an
+    untrained adapter would merge to nothing), two tokenized inputs and their collator."""
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
-    job = make_job(root, "float32-copy", **SETTINGS["lora"])
-    head = {"num_labels": 2, "id2label": dict(enumerate(LABELS)), "label2id": {n: i for i, n in enumerate(LABELS)}}
-    loaded = common.load(job, AutoModelForSequenceClassification, **head)
+    job = make_job(root, folder, **SETTINGS["lora"])
+    loaded = common.load(job, AutoModelForSequenceClassification, **HEAD)
     model = common.add_lora(job, loaded.model, "SEQ_CLS", loaded.heads)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(std=0.5)  # a trained-looking adapter (B starts at zero)
+                p.normal_(std=0.5)
     inputs, _ = data.tokenize(loaded.tokenizer, [("the food was good",), ("the room was awful",)], 32)
-    collator = DataCollatorWithPadding(loaded.tokenizer)
+    return job, model, inputs, DataCollatorWithPadding(loaded.tokenizer)
+
+
+def test_qlora_export_path_merges_the_adapter_on_a_float32_copy(root):
+    from transformers import AutoModelForSequenceClassification
+
+    job, model, inputs, collator = _trained_looking_adapter(root, "float32-copy")
     before = common.predict_logits(model, inputs, collator, 2)
-    copy = common.float32_base(job, model, AutoModelForSequenceClassification, **head)
+    copy = common.float32_base(job, model, AutoModelForSequenceClassification, **HEAD)
     merged, diff = common.merge_checked(job, copy, inputs, collator)
     assert diff < common.MERGE_TOLERANCE
     assert torch.allclose(common.predict_logits(merged, inputs, collator, 2), before, atol=1e-5)
@@ -306,17 +302,7 @@ def test_heads_are_found_by_name_or_by_weights_new_at_loading(root):
 
 def test_a_merge_that_changes_the_logits_stops_the_run(root, monkeypatch):
     """A merged model that computes something else than the trained adapter is never exported."""
-    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
-
-    job = make_job(root, "broken-merge", **SETTINGS["lora"])
-    loaded = common.load(job, AutoModelForSequenceClassification, num_labels=2)
-    model = common.add_lora(job, loaded.model, "SEQ_CLS", loaded.heads)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.5)
-    inputs, _ = data.tokenize(loaded.tokenizer, [("the food was good",), ("the room was awful",)], 32)
-    collator = DataCollatorWithPadding(loaded.tokenizer)
+    job, model, inputs, collator = _trained_looking_adapter(root, "broken-merge")
     original = model.merge_and_unload
 
     def lossy_merge(*args, **kwargs):  # as if the update were scaled wrongly while merging

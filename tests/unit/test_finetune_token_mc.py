@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.finetune import PRECISION, SETTINGS, one_thread  # noqa: F401  (autouse fixture)
+from helpers.finetune import PRECISION, SETTINGS, killed_after_first_checkpoint, one_thread  # noqa: F401  (autouse fixture)
 from helpers.tiny import build_tiny_model
 from helpers.tiny_encoder import build_tiny_encoder
 from taskfit.config import ModelConfig, load_experiment
@@ -212,23 +212,9 @@ def test_choice_collator_pads_options_and_lengths(root):
     assert batch["attention_mask"][0, 1].sum() == len(features[0]["input_ids"][1])
 
 
-class Killed(Exception):
-    pass
-
-
-def test_killed_token_classification_run_resumes_to_the_same_result(root, results, monkeypatch):
-    from transformers import Trainer
-
-    save = Trainer._save_checkpoint
-
-    def save_then_die(self, *args, **kwargs):
-        save(self, *args, **kwargs)
-        raise Killed  # as if the process were killed right after its first checkpoint
-
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
+def test_killed_token_classification_run_resumes_to_the_same_result(root, results):
+    with killed_after_first_checkpoint():
         token_classification(make_job(root, "ner", "ner-killed", **SETTINGS["lora"]))
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save)
     resumed = token_classification(make_job(root, "ner", "ner-killed", **SETTINGS["lora"]))
     uninterrupted = results("ner", "encoder", "lora")
     assert resumed.info["resumed_from_step"] == 6
