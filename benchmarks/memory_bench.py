@@ -2,7 +2,8 @@
 
 Builds a tiny Llama (from a config, no download) and a 3-label classification task with
 N synthetic test examples, then runs `taskfit run` on it in a fresh process per N and reads
-that process's peak resident memory. Predictions stream to disk and the metrics keep only
+that process's peak resident memory. The JSONL test split is read from disk chunk by chunk
+(only row offsets stay in memory), predictions stream to disk, and the metrics keep only
 compact per-example arrays, so the peak should barely move with N.
 
     .venv/bin/python benchmarks/memory_bench.py [--sizes 1000 100000] [--out benchmarks/out/memory]

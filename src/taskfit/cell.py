@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,7 @@ class Cell:
         return self.seed if not self.demo_set else self.seed * 7919 + self.demo_set
 
 
-def check_cell(cell: Cell, prompt: PromptConfig, task: Task, examples: list[Example]) -> None:
+def check_cell(cell: Cell, prompt: PromptConfig, task: Task, examples: Sequence[Example]) -> None:
     """Build the cell's strategy and render every prompt, without a model."""
     prompt = cell.prompt_of(prompt)
     task, _ = _splits_for(cell, prompt, task)
@@ -73,7 +73,7 @@ def run_cell(
     cell: Cell,
     prompt: PromptConfig,
     task: Task,
-    examples: list[Example],
+    examples: Sequence[Example],
     lm: CachedLM,
     out_dir: Path,
     root: Path,
@@ -147,7 +147,9 @@ def write_cell(
     return metrics
 
 
-def _predict(strategy, examples: list[Example], lm: CachedLM, progress, name: str) -> Iterator[list[dict[str, Any]]]:
+def _predict(
+    strategy, examples: Sequence[Example], lm: CachedLM, progress, name: str
+) -> Iterator[list[dict[str, Any]]]:
     """The rows of each chunk of examples, as they are predicted."""
     task_id = progress.add_task(name, total=len(examples)) if progress else None
     for chunk in _chunks(examples, CHUNK):
@@ -202,6 +204,7 @@ def _splits_for(cell: Cell, prompt: PromptConfig, task: Task) -> tuple[Task, lis
     return replace(task, splits={**task.splits, "train": rest, "dev": dev}), dev
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
+def _chunks(items: Sequence, size: int) -> Iterator[list]:
+    """Consecutive lists of `size` items (a lazy test split is read one chunk at a time)."""
     for i in range(0, len(items), size):
-        yield items[i : i + size]
+        yield list(items[i : i + size])

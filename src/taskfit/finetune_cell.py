@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ def nested_subset(train: list[Example], size: int | str | None, seed: int) -> li
 
 
 def run_finetune_cell(
-    cell: Cell, config: FinetuneConfig, task: Task, test: list[Example], out_dir: Path, root: Path, tracker=None
+    cell: Cell, config: FinetuneConfig, task: Task, test: Sequence[Example], out_dir: Path, root: Path, tracker=None
 ) -> dict[str, Any]:
     from taskfit.finetuning import FinetuneJob, run_finetune
     from taskfit.models.registry import resolve

@@ -197,3 +197,42 @@ def test_file_not_in_utf8_is_a_taskfit_error(tmp_path):
     path.write_bytes("id,text,label\na,caf\xe9 au lait,yes\nb,ok,no\n".encode("latin-1"))
     message = error_of(path)
     assert "d.csv" in message
+
+
+# --------------------------------------------------------------------------- JSONL read lazily
+
+
+def test_jsonl_is_read_from_disk_on_each_pass(tmp_path):
+    """Only offsets are kept: every pass, index and slice reads the same rows again."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n", encoding="utf-8")
+    records = read_records(path)
+    assert not isinstance(records, list)
+    assert list(records) == list(records) == [(f"d.jsonl:{i}", r) for i, r in enumerate(ROWS, 1)]
+    assert records[1] == ("d.jsonl:2", ROWS[1]) and records[-1] == ("d.jsonl:3", ROWS[2])
+    assert list(records[1:]) == [("d.jsonl:2", ROWS[1]), ("d.jsonl:3", ROWS[2])]
+    assert len(records[:2]) == 2
+    with pytest.raises(IndexError):
+        records[3]
+
+
+def test_jsonl_with_byte_order_mark_and_crlf(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(("\r\n".join(json.dumps(r, ensure_ascii=False) for r in ROWS) + "\r\n").encode("utf-8-sig"))
+    assert [row for _, row in read_records(path)] == ROWS
+
+
+def test_jsonl_line_not_in_utf8_names_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(ROWS[0]).encode() + b'\n{"id": "b", "text": "caf\xe9"}\n')
+    message = error_of(path)
+    assert "d.jsonl, line 2" in message and "UTF-8" in message
+
+
+def test_jsonl_changed_during_a_run_is_an_error_not_other_data(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n", encoding="utf-8")
+    records = read_records(path)
+    path.write_text(json.dumps(ROWS[0]) + "\n", encoding="utf-8")
+    with pytest.raises(TaskfitError, match="changed while the run was using it"):
+        list(records)

@@ -239,3 +239,34 @@ def test_missing_data_file_names_it(write_yaml):
     message = task_error(write_yaml(cls_yaml(train="nope.csv")))
     assert "nope.csv" in message
     assert "not found" in message
+
+
+def test_jsonl_test_split_is_lazy_and_equal_to_the_csv_one(project, tmp_path):
+    """A JSONL test split is rebuilt from disk on each pass; its examples equal those of the
+    same rows read from CSV (held in memory), except for where each row came from."""
+    import csv
+
+    from taskfit.data import LazyExamples
+
+    rows = [{"id": f"r{i}", "text": f"text {i}", "label": ["yes", "no"][i % 2]} for i in range(5)]
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    with open(tmp_path / "t.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    for name in ("jsonl", "csv"):
+        (tmp_path / f"{name}.yaml").write_text(cls_yaml(train=None, test=f"t.{name}"), encoding="utf-8")
+    lazy, eager = load_task(tmp_path / "jsonl.yaml").split("test"), load_task(tmp_path / "csv.yaml").split("test")
+    assert isinstance(lazy, LazyExamples) and isinstance(eager, list)
+    strip = lambda examples: [(e.id, e.fields, e.options, e.gold) for e in examples]  # noqa: E731
+    assert strip(lazy) == strip(lazy) == strip(eager)
+    assert strip(lazy[1:3]) == strip(eager[1:3]) and strip([lazy[-1]]) == strip([eager[-1]])
+    assert lazy[0].source == "t.jsonl:1"
+
+
+def test_duplicate_ids_in_a_lazy_split_name_both_lines(tmp_path):
+    rows = [{"id": "x", "text": "a", "label": "yes"}, {"id": "y", "text": "b", "label": "no"}]
+    write_jsonl(tmp_path / "t.jsonl", [*rows, {"id": "x", "text": "c", "label": "no"}])
+    (tmp_path / "e.yaml").write_text(cls_yaml(train=None, test="t.jsonl"), encoding="utf-8")
+    message = task_error(tmp_path / "e.yaml")
+    assert "duplicate id 'x' at t.jsonl:1 and t.jsonl:3" in message

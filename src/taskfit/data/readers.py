@@ -1,9 +1,17 @@
-"""File readers: one list of (location, record) per file, with errors that name the line."""
+"""File readers: the (location, record) rows of a file, with errors that name the line.
+
+A JSONL file is checked whole up front but not kept: its rows are read again from disk
+when iterated (`JsonlRecords`), so a large test split costs two numbers per row in memory.
+The other formats are read into a list.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+from array import array
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +22,7 @@ SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 Record = tuple[str, dict[str, Any]]  # ("file:line", fields)
 
 
-def read_records(path: Path) -> list[Record]:
+def read_records(path: Path) -> Sequence[Record]:
     """Read every row of a data file; an empty or malformed file is a `TaskfitError`."""
     if not path.is_file():
         raise TaskfitError(
@@ -35,24 +43,72 @@ def read_records(path: Path) -> list[Record]:
     return records
 
 
-def _jsonl(path: Path) -> list[Record]:
-    records = []
-    with path.open(encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
+def _jsonl(path: Path) -> JsonlRecords:
+    """Check every line now; keep only where each row starts."""
+    offsets, numbers = array("q"), array("q")
+    with path.open("rb") as f:
+        offset = 3 if f.read(3) == b"\xef\xbb\xbf" else 0  # a UTF-8 byte order mark
+        f.seek(offset)
+        for number, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            if not raw.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskfitError(
-                    f"{path}, line {number}: not valid JSON ({exc.msg}). Each line must be one JSON object."
-                ) from None
-            if not isinstance(row, dict):
-                raise TaskfitError(
-                    f"{path}, line {number}: expected a JSON object with named fields, got {type(row).__name__}."
-                )
-            records.append((f"{path.name}:{number}", row))
-    return records
+            _parse(raw, path, number)
+            offsets.append(start)
+            numbers.append(number)
+    return JsonlRecords(path, offsets, numbers, _stamp(path))
+
+
+def _parse(raw: bytes, path: Path, number: int) -> dict[str, Any]:
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise TaskfitError(
+            f"{path}, line {number}: not UTF-8 text (undecodable byte at column {exc.start + 1}). "
+            "Save the file with UTF-8 encoding."
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise TaskfitError(
+            f"{path}, line {number}: not valid JSON ({exc.msg}). Each line must be one JSON object."
+        ) from None
+    if not isinstance(row, dict):
+        raise TaskfitError(
+            f"{path}, line {number}: expected a JSON object with named fields, got {type(row).__name__}."
+        )
+    return row
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+class JsonlRecords(Sequence):
+    """The rows of a checked JSONL file, read from disk on every pass (a slice is another view).
+    Reading again a file that changed since it was checked is an error, not silently other data."""
+
+    def __init__(self, path: Path, offsets: array, numbers: array, stamp: tuple[int, int]):
+        self.path, self._offsets, self._numbers, self._stamp = path, offsets, numbers, stamp
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return JsonlRecords(self.path, self._offsets[index], self._numbers[index], self._stamp)
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return next(iter(self[index : index + 1 or None]))
+
+    def __iter__(self) -> Iterator[Record]:
+        if _stamp(self.path) != self._stamp:
+            raise TaskfitError(
+                f"{self.path}: the file changed while the run was using it. Run again on the finished file."
+            )
+        with self.path.open("rb") as f:
+            for offset, number in zip(self._offsets, self._numbers):
+                f.seek(offset)
+                yield f"{self.path.name}:{number}", _parse(f.readline(), self.path, number)
 
 
 def _json(path: Path) -> list[Record]:

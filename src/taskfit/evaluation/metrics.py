@@ -13,9 +13,9 @@ import numpy as np
 
 Metric = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 
-BLOCK_ELEMENTS = 1 << 21
+BLOCK_ELEMENTS = 1 << 20
 """Resampled index arrays are drawn in blocks of at most this many elements, so memory stays
-bounded (~16 MB per int64 array) however many items there are (R x N for N=100k is 800 MB).
+bounded (~8 MB per int64 array) however many items there are (R x N for N=100k is 800 MB).
 Drawn in sequence, the blocks hold the same numbers as one (R, N) draw."""
 
 

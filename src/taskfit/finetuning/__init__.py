@@ -8,6 +8,7 @@ treat both routes alike.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ class FinetuneJob:
     config: FinetuneConfig
     model: ModelConfig
     seed: int
-    test: list[Example]
+    test: Sequence[Example]
     """The examples to predict after training."""
     folder: Path
     """The cell folder: checkpoints in `checkpoints/`, the exported model in `model/`."""

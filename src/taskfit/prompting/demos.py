@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 
 from taskfit.data import Example
 from taskfit.errors import TaskfitError
@@ -13,13 +14,22 @@ log = logging.getLogger(__name__)
 
 
 def select_demos(
-    train: list[Example], shots: int, how: str, seed: int, where: str, exclude: list[Example] = (), id_field: str = "id"
+    train: Sequence[Example],
+    shots: int,
+    how: str,
+    seed: int,
+    where: str,
+    exclude: Iterable[Example] = (),
+    id_field: str = "id",
 ) -> list[Example]:
-    """`shots` train examples, never one whose content equals an example of `exclude` (the test split)."""
+    """`shots` train examples, never one whose content equals an example of `exclude` (the test split,
+    streamed past: memory follows the train split, not the test split)."""
     if shots == 0:
         return []
-    banned = {_content(ex, id_field) for ex in exclude}
-    pool = [ex for ex in train if _content(ex, id_field) not in banned]
+    contents = [_content(ex, id_field) for ex in train]
+    known = set(contents)
+    banned = {c for ex in exclude if (c := _content(ex, id_field)) in known}
+    pool = [ex for ex, c in zip(train, contents) if c not in banned]
     if len(pool) < len(train):
         log.warning(
             "%s: %d train example(s) also occur in the test split; they are never used as demonstrations",

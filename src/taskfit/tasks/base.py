@@ -1,13 +1,15 @@
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from taskfit.config import Experiment, TaskConfig
-from taskfit.data import Example, read_records
-from taskfit.data.readers import Record
+from taskfit.data import Example, LazyExamples, read_records
+from taskfit.data.readers import JsonlRecords, Record
 from taskfit.errors import TaskfitError, did_you_mean
 from taskfit.tasks import classification, generation, multiple_choice, token_classification
 
@@ -19,7 +21,8 @@ class Task:
     """The user's task: its type, label space (classification) and examples per split."""
 
     config: TaskConfig
-    splits: dict[str, list[Example]]
+    splits: dict[str, Sequence[Example]]
+    """train and dev are lists; a test split read from JSONL is a `LazyExamples` (read on each pass)."""
     labels: tuple[str, ...] | None = None
     tags: tuple[str, ...] | None = None
     """Token classification: the tag set, in order (`O` first unless `task.tags` says otherwise)."""
@@ -36,7 +39,7 @@ class Task:
             return ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")
         return ("accuracy", "macro_f1") if self.type == "classification" else ("accuracy",)
 
-    def split(self, name: str) -> list[Example]:
+    def split(self, name: str) -> Sequence[Example]:
         return self.splits.get(name, [])
 
 
@@ -62,11 +65,14 @@ def load_task(experiment: Experiment) -> Task:
         build = lambda rec, split: token_classification.to_example(cfg, tags, rec, split, origin)
     else:
         build = lambda rec, split: multiple_choice.to_example(cfg, rec, split)
-    splits = {}
+    splits: dict[str, Sequence[Example]] = {}
     for split, rows in records.items():
-        splits[split] = _with_unique_ids(
-            [build(rec, split) for rec in rows], experiment.root / getattr(cfg.data, split)
-        )
+        make = lambda rec, split=split: build(rec, split)  # noqa: E731
+        if split == "test" and isinstance(rows, JsonlRecords):
+            examples: Sequence[Example] = LazyExamples(rows, make)  # every row is built (checked) below
+        else:
+            examples = [make(rec) for rec in rows]
+        splits[split] = _with_unique_ids(examples, experiment.root / getattr(cfg.data, split))
     return Task(config=cfg, splits=splits, labels=tuple(labels) if labels else None, tags=tuple(tags) if tags else None)
 
 
@@ -80,14 +86,20 @@ def require_field(field: str, row: dict[str, Any], source: str, key: str) -> Any
     return row[field]
 
 
-def _with_unique_ids(examples: list[Example], path: Path) -> list[Example]:
-    seen: dict[str, str] = {}
-    for ex in examples:
-        if ex.id in seen:
-            raise TaskfitError(
-                f"{path}: duplicate id '{ex.id}' at {seen[ex.id]} and {ex.source}. Ids must be unique within a split."
-            )
-        seen[ex.id] = ex.source
+def _with_unique_ids(examples: Sequence[Example], path: Path) -> Sequence[Example]:
+    """Check that ids are unique, holding 8 bytes per example (a hash), not the ids themselves;
+    the slower pass that names the duplicate runs only when two hashes meet."""
+    hashes = np.fromiter((hash(ex.id) for ex in examples), dtype=np.int64, count=len(examples))
+    hashes.sort()
+    if len(hashes) > 1 and (hashes[1:] == hashes[:-1]).any():
+        seen: dict[str, str] = {}
+        for ex in examples:
+            if ex.id in seen:
+                raise TaskfitError(
+                    f"{path}: duplicate id '{ex.id}' at {seen[ex.id]} and {ex.source}. "
+                    "Ids must be unique within a split."
+                )
+            seen[ex.id] = ex.source
     return examples
 
 
