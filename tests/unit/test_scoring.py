@@ -196,3 +196,22 @@ def test_close_calls_are_rechecked_in_float32(tiny_folder, lm, monkeypatch):
     some = HFLM.load(ModelConfig(name=str(tiny_folder), device="cpu", recheck_margin=sorted(gaps)[1] + 1e-3))
     some.loglikelihood(requests())
     assert 1 <= some.rechecked < groups
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_model_loading_pauses_the_collector_and_restores_it(enabled, tiny_folder, monkeypatch):
+    import gc
+
+    from taskfit.models import load_model, paused_collector
+
+    seen, original = [], HFLM.load
+    monkeypatch.setattr(HFLM, "load", lambda config: seen.append(gc.isenabled()) or original(config))
+    (gc.enable if enabled else gc.disable)()
+    try:
+        load_model(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
+        assert seen == [False] and gc.isenabled() is enabled
+        with pytest.raises(ValueError), paused_collector():
+            raise ValueError("a failed load")
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
