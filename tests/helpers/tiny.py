@@ -16,11 +16,22 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_model(folder: Path, max_positions: int = 512, seed: int = 0) -> Path:
-    """Write a 2-layer Llama with a byte-level BPE tokenizer to `folder` and return it."""
+ARCHITECTURES = {
+    # name: (config class, what its forward does to the head's logits, set large enough to matter)
+    "llama": ("LlamaConfig", {}),
+    "gemma2": ("Gemma2Config", {"final_logit_softcapping": 2.0, "head_dim": 16, "query_pre_attn_scalar": 16}),
+    "cohere": ("CohereConfig", {"logit_scale": 0.25}),
+    "granite": ("GraniteConfig", {"logits_scaling": 4.0}),
+}
+
+
+def build_tiny_model(folder: Path, max_positions: int = 512, seed: int = 0, architecture: str = "llama") -> Path:
+    """Write a 2-layer causal LM (Llama unless `architecture` names another of `ARCHITECTURES`)
+    with a byte-level BPE tokenizer to `folder` and return it."""
     import torch
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
@@ -37,7 +48,9 @@ def build_tiny_model(folder: Path, max_positions: int = 512, seed: int = 0) -> P
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config_class, extra = ARCHITECTURES[architecture]
+    config = getattr(transformers, config_class)(
+        **extra,
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -51,6 +64,6 @@ def build_tiny_model(folder: Path, max_positions: int = 512, seed: int = 0) -> P
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

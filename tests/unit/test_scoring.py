@@ -215,3 +215,26 @@ def test_model_loading_pauses_the_collector_and_restores_it(enabled, tiny_folder
         assert gc.isenabled() is enabled
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("architecture", ["gemma2", "cohere", "granite"])
+def test_architectures_that_change_their_logits_score_as_their_own_forward(architecture, tmp_path):
+    """Gemma 2 soft-caps, Cohere and Granite scale the head's logits: the scorer (body + head)
+    must apply the same, with and without a shared demonstration prefix."""
+    folder = build_tiny_model(tmp_path / architecture, architecture=architecture)
+    lm = HFLM.load(ModelConfig(name=str(folder), dtype="float32", device="cpu"))
+    reqs = requests()[:4] + [Request(DEMOS + r.context, r.continuation) for r in requests()[4:8]]
+    for req, (lp, greedy) in zip(reqs, lm.loglikelihood_greedy(reqs)):
+        ref_lp, ref_greedy = naive(lm, req)
+        assert lp == pytest.approx(ref_lp, abs=1e-4)
+        assert greedy == ref_greedy
+
+
+def test_an_output_layer_the_scorer_cannot_reproduce_is_refused(tmp_path, monkeypatch):
+    from taskfit import TaskfitError
+    from taskfit.models import scoring
+
+    folder = build_tiny_model(tmp_path / "granite", architecture="granite")
+    monkeypatch.setattr(scoring, "output_transform", lambda model: lambda logits: logits)  # as if unknown
+    with pytest.raises(TaskfitError, match="changes its output logits"):
+        HFLM.load(ModelConfig(name=str(folder), dtype="float32", device="cpu"))

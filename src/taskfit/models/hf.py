@@ -126,7 +126,10 @@ class HFLM:
         identity = {**resolved.identity, "dtype": precision.name, "device": device}
         if precision.compute != precision.weights and config.recheck_margin:
             identity["recheck_margin"] = config.recheck_margin  # it changes scores: part of the cache key
-        return cls(model, tokenizer, identity, config.batch_tokens, precision, config.recheck_margin)
+        lm = cls(model, tokenizer, identity, config.batch_tokens, precision, config.recheck_margin)
+        with lm.session():
+            lm.scorer.check_output_layer(config.name)
+        return lm
 
     def session(self) -> Any:
         """A context for many calls in a row: under bf16 autocast, the bf16 copies of the weights

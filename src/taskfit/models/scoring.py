@@ -19,9 +19,12 @@ is never fed to the model.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from taskfit.errors import TaskfitError
 
 MIN_SHARED_PREFIX = 16  # below this, a separate cached forward costs more than it saves
 
@@ -82,6 +85,26 @@ BATCH_OVERHEAD = 32
 """Fixed cost of one forward pass, in tokens: what a batch must save in padding to be split off."""
 
 
+def output_transform(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the model's own forward does to the LM head's output after the head: Gemma 2/3
+    soft-capping, Cohere's logit scale, Granite's logits scaling (identity for Llama & co)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(model, "logit_scale", None)  # Cohere keeps it on the model
+    divisor = getattr(config, "logits_scaling", None)  # Granite
+    scale = float(scale) if isinstance(scale, (int, float)) else 1.0
+    factor = scale / float(divisor) if divisor else scale
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if factor != 1.0:
+            logits = logits * factor
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return transform
+
+
 class TreeScorer:
     """Scores groups with a causal LM from transformers (body + LM head used separately)."""
 
@@ -89,6 +112,7 @@ class TreeScorer:
         self.model = model
         self.body = model.base_model
         self.head = model.get_output_embeddings()
+        self.transform = output_transform(model)
         self.batch_tokens = batch_tokens
         self.tokens = 0
         """Tokens run through the model body so far (shared prefixes once, padding not counted)."""
@@ -100,6 +124,22 @@ class TreeScorer:
     @property
     def device(self) -> torch.device:
         return self.head.weight.device
+
+    @torch.no_grad()
+    def check_output_layer(self, name: str) -> None:
+        """The body + head (+ `output_transform`) must give the model's own logits: an architecture
+        that changes its logits in some other way would be scored wrongly, so it is refused."""
+        vocab = self.head.weight.shape[0]
+        ids = torch.arange(1, 9, device=self.device)[None] % vocab
+        full = self.model(input_ids=ids).logits.float()
+        ours = self.transform(self.head(self.body(input_ids=ids).last_hidden_state)).float()
+        diff = (full - ours).abs().max().item()
+        if not diff <= 1e-3 * (1.0 + full.abs().max().item()):
+            raise TaskfitError(
+                f"model.name: {name} ({type(self.model).__name__}) changes its output logits in a way taskfit's "
+                f"scorer does not reproduce (largest difference {diff:.3g}); its scores would be wrong. Use another "
+                "model, or report the architecture to taskfit."
+            )
 
     @torch.no_grad()  # not inference_mode: under it, autocast re-casts every weight at every call (3x slower)
     def score(self, groups: list[Group]) -> list[list[tuple[float, bool]]]:
@@ -180,7 +220,7 @@ class TreeScorer:
         if not target:
             return
         h = hidden[torch.tensor(rows_idx), torch.tensor(pos_idx)]  # (N, d): only the needed positions
-        logprobs = self.head(h).log_softmax(-1, dtype=torch.float32)  # (N, V), one pass from bf16 too
+        logprobs = self.transform(self.head(h)).log_softmax(-1, dtype=torch.float32)  # (N, V), one pass from bf16 too
         tgt = torch.tensor(target, device=logprobs.device)
         picked = logprobs.gather(1, tgt[:, None])[:, 0].tolist()
         greedy = (logprobs.argmax(-1) == tgt).tolist()
