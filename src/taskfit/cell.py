@@ -15,7 +15,7 @@ from taskfit.config import ModelConfig, PromptConfig
 from taskfit.data import Example
 from taskfit.errors import TaskfitError
 from taskfit.evaluation.rows import MetricInputs
-from taskfit.manifest import environment, peak_memory_mb
+from taskfit.manifest import environment, peak_memory_mb, reset_peak_memory
 from taskfit.models.cached import CachedLM
 from taskfit.prompting import build_strategy
 from taskfit.store import PredictionFile, atomic_write
@@ -80,6 +80,7 @@ def run_cell(
     progress=None,
     tracker=None,
 ) -> dict[str, Any]:
+    reset_peak_memory()
     start = time.perf_counter()
     prompt = cell.prompt_of(prompt)
     computed_before, truncated_before = lm.computed, getattr(lm.lm, "truncated", 0)

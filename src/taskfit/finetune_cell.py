@@ -15,6 +15,7 @@ from taskfit.cell import Cell, write_cell, write_rows
 from taskfit.config import FinetuneConfig
 from taskfit.data import Example
 from taskfit.errors import TaskfitError
+from taskfit.manifest import reset_peak_memory
 from taskfit.tasks import Task
 
 
@@ -61,6 +62,7 @@ def run_finetune_cell(
     from taskfit.finetuning import FinetuneJob, run_finetune
     from taskfit.models.registry import resolve
 
+    reset_peak_memory()
     start = time.perf_counter()
     train = nested_subset(task.split("train"), cell.train_size, cell.seed)
     job = FinetuneJob(

@@ -35,18 +35,50 @@ def git_commit(folder: Path) -> str | None:
         return None
 
 
-def peak_memory_mb() -> dict[str, float]:
-    """Peak resident memory of this process (and peak GPU memory allocated, when used)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"cpu_rss": round(rss / (1024 if sys.platform != "darwin" else 1024 * 1024), 1)}
-    try:
-        import torch
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+_per_cell = False
 
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            out["gpu_allocated"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    except ImportError:
-        pass
+
+def reset_peak_memory() -> None:
+    """Start a new peak for the cell about to run. Linux resets the process's peak resident
+    memory on request (/proc/self/clear_refs); elsewhere the peak stays the process's so far.
+    CUDA's allocator keeps its own peak, reset too."""
+    global _per_cell
+    try:
+        _CLEAR_REFS.write_text("5")
+        _per_cell = True
+    except OSError:
+        _per_cell = False
+    torch = sys.modules.get("torch")  # never imported just for this
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_mb() -> dict[str, Any]:
+    """Peak resident memory (and peak GPU memory allocated, when used) since `reset_peak_memory`,
+    or since the process started where the OS cannot reset it (`cpu_rss_scope` says which)."""
+    hwm = _peak_rss_kb() if _per_cell else None
+    if hwm is None:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out: dict[str, Any] = {"cpu_rss": round(rss / (1024 if sys.platform != "darwin" else 1024 * 1024), 1)}
+        out["cpu_rss_scope"] = "process"
+    else:
+        out = {"cpu_rss": round(hwm / 1024, 1), "cpu_rss_scope": "cell"}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["gpu_allocated"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
+
+
+def _peak_rss_kb() -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def environment(folder: Path) -> dict[str, Any]:

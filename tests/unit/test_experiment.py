@@ -322,3 +322,21 @@ def test_predictions_stream_to_disk_and_a_failure_keeps_the_old_file(project, fa
     assert seen == [0, 2, 4]  # the rows of each finished chunk were on disk before the next one
     assert (out / "zero" / "predictions.jsonl").read_bytes() == good
     assert not partial.exists()
+
+
+def test_peak_memory_is_counted_per_cell():
+    """A cell's peak does not include what an earlier cell of the same process used."""
+    from pathlib import Path
+
+    from taskfit.manifest import peak_memory_mb, reset_peak_memory
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("only Linux resets a process's peak memory")
+    reset_peak_memory()
+    block = b"x" * (300 * 2**20)  # written, so resident
+    first = peak_memory_mb()
+    del block
+    reset_peak_memory()
+    second = peak_memory_mb()
+    assert first["cpu_rss_scope"] == second["cpu_rss_scope"] == "cell"
+    assert first["cpu_rss"] - second["cpu_rss"] > 250

@@ -14,9 +14,7 @@ compares float32 logits.
 from __future__ import annotations
 
 import importlib.util
-import resource
 import shutil
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from torch import nn
 
 from taskfit.errors import TaskfitError
 from taskfit.finetuning import data, training
+from taskfit.manifest import peak_memory_mb
 from taskfit.models.registry import resolve
 
 HEADS = ("classifier", "score", "pre_classifier", "qa_outputs")
@@ -348,6 +347,7 @@ def save(job: Any, trainer: Any, model: nn.Module, tokenizer: Any) -> Path:
 def info(job: Any, trainer: Any, prepared: Prepared, stats: training.TrainStats, final: nn.Module, merge_diff) -> dict:
     """What the manifest records about a fine-tuning run (cost, schedule, checks)."""
     metric = trainer.args.metric_for_best_model
+    peak = peak_memory_mb()
     return {
         "method": job.config.method,
         "trainable_parameters": prepared.trainable_parameters,
@@ -363,8 +363,8 @@ def info(job: Any, trainer: Any, prepared: Prepared, stats: training.TrainStats,
         "train_tokens": stats.tokens,
         "train_tokens_per_s": round(stats.tokens_per_s, 1),
         "resumed_from_step": stats.resumed_from_step,
-        "peak_memory_mb": peak_memory_mb(),
-        "peak_gpu_memory_mb": peak_gpu_memory_mb(),
+        "peak_memory_mb": peak["cpu_rss"],  # since the cell started where the OS allows (manifest.peak_memory_mb)
+        "peak_gpu_memory_mb": peak.get("gpu_allocated"),
         "merge_max_abs_diff": merge_diff,
         "dtype": "bfloat16 autocast, float32 weights" if training.mixed_precision(job.model) else "float32",
         "base_model": prepared.loaded.identity,
@@ -384,13 +384,3 @@ def export(model: nn.Module, tokenizer: Any, folder: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
-
-
-def peak_gpu_memory_mb() -> float | None:
-    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
