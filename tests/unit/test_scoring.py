@@ -60,19 +60,26 @@ def test_shared_demo_prefix_is_cached_and_exact(lm):
         assert lp == pytest.approx(naive(lm, req)[0], abs=1e-4)
 
 
-@pytest.mark.parametrize("batch_tokens", [1, 64, 300])
-def test_scores_do_not_depend_on_batch_size(lm, tiny_folder, batch_tokens):
-    reqs = requests()
+def mixed_requests() -> list[Request]:
+    """Groups with and without the shared demonstrations, several continuation lengths."""
+    return requests() + [Request(DEMOS + r.context, r.continuation) for r in requests()]
+
+
+@pytest.mark.parametrize("batch_tokens", [1, 5, 33, 64, 300])
+@pytest.mark.parametrize("with_demos", [False, True])
+def test_scores_do_not_depend_on_batch_size(lm, tiny_folder, batch_tokens, with_demos):
+    reqs = mixed_requests() if with_demos else requests()
     reference = lm.loglikelihood(reqs)
     other = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu", batch_tokens=batch_tokens))
-    assert other.loglikelihood(reqs) == reference  # exactly: rows never interact
+    assert other.loglikelihood(reqs) == reference  # exactly: rows never interact, the head's blocks are fixed
 
 
-def test_scores_do_not_depend_on_request_order(lm):
-    reqs = requests()
+def test_scores_do_not_depend_on_request_order_or_repeats(lm):
+    reqs = mixed_requests()
     forward = lm.loglikelihood(reqs)
-    backward = lm.loglikelihood(reqs[::-1])[::-1]
-    assert backward == pytest.approx(forward, abs=1e-5)
+    assert lm.loglikelihood(reqs[::-1])[::-1] == forward  # exactly: groups are laid out in a canonical order
+    shuffled = reqs[7:] + reqs[:7] + reqs[:3]
+    assert lm.loglikelihood(shuffled) == forward[7:] + forward[:7] + forward[:3]
 
 
 def test_trailing_space_moves_into_continuation(lm):

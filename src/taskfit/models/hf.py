@@ -149,22 +149,25 @@ class HFLM:
         return [lp for lp, _ in self.loglikelihood_greedy(requests)]
 
     def loglikelihood_greedy(self, requests: list[Request]) -> list[tuple[float, bool]]:
-        """Log-likelihood and whether the continuation is the greedy one, per request."""
-        groups: dict[tuple[int, ...], Group] = {}
-        where = []
-        for req in requests:
-            ctx, cont = self._encode_pair(req.context, req.continuation)
-            group = groups.setdefault(tuple(ctx), Group(ctx, []))
-            where.append((tuple(ctx), len(group.continuations)))
-            group.continuations.append(cont)
-        ordered = list(groups.values())
-        for g in ordered:
+        """Log-likelihood and whether the continuation is the greedy one, per request.
+
+        Groups and their continuations are laid out in a canonical order (sorted token ids, each
+        pair once), so a score does not depend on the order or repetition of the requests."""
+        pairs = [tuple(map(tuple, self._encode_pair(r.context, r.continuation))) for r in requests]
+        by_context: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
+        for ctx, cont in pairs:
+            by_context.setdefault(ctx, set()).add(cont)
+        groups, slot = [], {}
+        for i, ctx in enumerate(sorted(by_context)):
+            conts = sorted(by_context[ctx])
+            slot.update({(ctx, cont): (i, j) for j, cont in enumerate(conts)})
+            groups.append(Group(list(ctx), [list(c) for c in conts]))
+        for g in groups:
             self._fit(g)
-        index = {key: i for i, key in enumerate(groups)}
         with self.precision.autocast(str(self.scorer.device)):
-            results = self.scorer.score(ordered)
-        self._recheck_close_calls(ordered, results)
-        return [results[index[key]][j] for key, j in where]
+            results = self.scorer.score(groups)
+        self._recheck_close_calls(groups, results)
+        return [results[i][j] for i, j in (slot[pair] for pair in pairs)]
 
     def _recheck_close_calls(self, groups: list[Group], results: list) -> None:
         """Score again, in float32, the groups that bf16 autocast left with a near-tie at the top."""

@@ -81,6 +81,9 @@ def tree_mask(owner: torch.Tensor) -> torch.Tensor:
     return causal & same
 
 
+HEAD_ROWS = 32
+"""Positions per LM-head call (see `TreeScorer._head_logprobs`)."""
+
 BATCH_OVERHEAD = 32
 """Fixed cost of one forward pass, in tokens: what a batch must save in padding to be split off."""
 
@@ -210,20 +213,23 @@ class TreeScorer:
         self._gather(batch, hidden, out)
 
     def _gather(self, batch: list[_Row], hidden: torch.Tensor, out) -> None:
-        rows_idx, pos_idx, target, where = [], [], [], []
+        """Log-probabilities of every target token. The LM head runs once per position that some
+        target needs: the first tokens of a group's continuations all follow its last context
+        token (one position for all single-token labels of a classification group)."""
+        slots: dict[tuple[int, int], int] = {}  # (row, position) -> index among the head's inputs
+        slot, target, where = [], [], []
         for i, row in enumerate(batch):
             for j, p, tok in row.targets:
-                rows_idx.append(i)
-                pos_idx.append(p)
+                slot.append(slots.setdefault((i, p), len(slots)))
                 target.append(tok)
                 where.append((row.group, j))
         if not target:
             return
-        h = hidden[torch.tensor(rows_idx), torch.tensor(pos_idx)]  # (N, d): only the needed positions
-        logprobs = self.transform(self.head(h)).log_softmax(-1, dtype=torch.float32)  # (N, V), one pass from bf16 too
-        tgt = torch.tensor(target, device=logprobs.device)
-        picked = logprobs.gather(1, tgt[:, None])[:, 0].tolist()
-        greedy = (logprobs.argmax(-1) == tgt).tolist()
+        rows_idx, pos_idx = zip(*slots)
+        logprobs = self._head_logprobs(hidden[torch.tensor(rows_idx), torch.tensor(pos_idx)])
+        at, tgt = torch.tensor(slot, device=logprobs.device), torch.tensor(target, device=logprobs.device)
+        picked = logprobs[at, tgt].tolist()
+        greedy = (logprobs.argmax(-1)[at] == tgt).tolist()
         sums: dict[tuple[int, int], list] = {}
         for key, lp, g in zip(where, picked, greedy):
             acc = sums.setdefault(key, [0.0, True])
@@ -231,6 +237,15 @@ class TreeScorer:
             acc[1] = acc[1] and g
         for (group, j), (lp, g) in sums.items():
             out[group][j] = (lp, g)
+
+    def _head_logprobs(self, h: torch.Tensor) -> torch.Tensor:
+        """(P, d) hidden states -> (P, V) float32 log-probabilities, the head always run on blocks of
+        exactly HEAD_ROWS rows (the last one padded): a matrix product's kernel, and so its rounding,
+        can change with its number of rows, which must not make a score depend on its batch."""
+        n = h.shape[0]
+        padded = torch.cat([h, h.new_zeros((-n) % HEAD_ROWS, h.shape[1])]) if n % HEAD_ROWS else h
+        blocks = [self.transform(self.head(block)) for block in padded.split(HEAD_ROWS)]
+        return torch.cat(blocks)[:n].log_softmax(-1, dtype=torch.float32)  # one pass from bf16 too
 
 
 def _expanded(prefix_kv, batch_size: int):
