@@ -81,8 +81,9 @@ def tree_mask(owner: torch.Tensor) -> torch.Tensor:
     return causal & same
 
 
-HEAD_ROWS = 32
-"""Positions per LM-head call (see `TreeScorer._head_logprobs`)."""
+HEAD_ROWS = 128
+"""Positions per LM-head call (see `TreeScorer._head_logprobs`): enough that reading the head's
+weights (vocabulary x hidden) is small next to the product itself."""
 
 BATCH_OVERHEAD = 32
 """Fixed cost of one forward pass, in tokens: what a batch must save in padding to be split off."""
@@ -150,9 +151,13 @@ class TreeScorer:
         offset = shared_prefix_length(groups)
         prefix_kv = self._prefix_cache(groups[0].context[:offset]) if offset else None
         rows = [build_row(i, g, offset) for i, g in enumerate(groups)]
-        out: list[list[tuple[float, bool]]] = [[(0.0, True)] * len(g.continuations) for g in groups]
+        needed = _Needed()
         for batch in self._batches(rows):
-            self._score_batch(batch, offset, prefix_kv, out)
+            needed.add(batch, self._score_batch(batch, offset, prefix_kv))
+        out: list[list[tuple[float, bool]]] = [[(0.0, True)] * len(g.continuations) for g in groups]
+        if needed.target:
+            picked, greedy = self._head_logprobs(torch.cat(needed.hidden), needed.slot, needed.target)
+            needed.sum_into(out, picked, greedy)
         return out
 
     def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
@@ -182,7 +187,8 @@ class TreeScorer:
         output = self.body(input_ids=ids, use_cache=True)
         return output.cache if self._cache_kw == "cache" else output.past_key_values
 
-    def _score_batch(self, batch: list[_Row], offset: int, prefix_kv, out) -> None:
+    def _score_batch(self, batch: list[_Row], offset: int, prefix_kv) -> torch.Tensor:
+        """The body's last hidden states (B, T, d) of a batch of rows."""
         b, t = len(batch), max(len(r.tokens) for r in batch)
         self.tokens += sum(len(r.tokens) for r in batch)
         self.padded_tokens += b * t
@@ -203,49 +209,68 @@ class TreeScorer:
         kwargs = {}
         if prefix_kv is not None:
             kwargs[self._cache_kw] = _expanded(prefix_kv, b)
-        hidden = self.body(
+        return self.body(
             input_ids=ids.to(self.device),
             position_ids=pos.to(self.device),
             attention_mask=mask.to(self.device),
             use_cache=False,
             **kwargs,
-        ).last_hidden_state  # (B, T, d)
-        self._gather(batch, hidden, out)
+        ).last_hidden_state
 
-    def _gather(self, batch: list[_Row], hidden: torch.Tensor, out) -> None:
-        """Log-probabilities of every target token. The LM head runs once per position that some
-        target needs: the first tokens of a group's continuations all follow its last context
-        token (one position for all single-token labels of a classification group)."""
-        slots: dict[tuple[int, int], int] = {}  # (row, position) -> index among the head's inputs
-        slot, target, where = [], [], []
+    def _head_logprobs(self, hidden: torch.Tensor, slot: list[int], target: list[int]) -> tuple[list, list]:
+        """Per target: its float32 log-probability at its position (a row of `hidden`), and whether
+        it is that position's argmax. The head runs on blocks of exactly HEAD_ROWS positions (the
+        last one padded): a matrix product's kernel, and so its rounding, can change with its
+        number of rows, which must not make a score depend on its batch. Only one block's
+        full-vocabulary log-probabilities exist at a time."""
+        n = hidden.shape[0]
+        padded = torch.cat([hidden, hidden.new_zeros((-n) % HEAD_ROWS, hidden.shape[1])]) if n % HEAD_ROWS else hidden
+        at, tgt = torch.tensor(slot, device=hidden.device), torch.tensor(target, device=hidden.device)
+        picked = torch.empty(len(slot), dtype=torch.float32, device=hidden.device)
+        greedy = torch.empty(len(slot), dtype=torch.bool, device=hidden.device)
+        for k, block in enumerate(padded.split(HEAD_ROWS)):
+            logprobs = self.transform(self.head(block)).log_softmax(-1, dtype=torch.float32)  # one pass from bf16 too
+            mine = (at >= k * HEAD_ROWS) & (at < (k + 1) * HEAD_ROWS)
+            local = at[mine] - k * HEAD_ROWS
+            picked[mine] = logprobs[local, tgt[mine]]
+            greedy[mine] = logprobs.argmax(-1)[local] == tgt[mine]
+        return picked.tolist(), greedy.tolist()
+
+
+class _Needed:
+    """The positions whose next-token log-probabilities a call needs, gathered batch by batch.
+    The LM head runs once per position that some target needs: the first tokens of a group's
+    continuations all follow its last context token (one position for all single-token labels
+    of a classification group)."""
+
+    def __init__(self):
+        self.hidden: list[torch.Tensor] = []  # per batch: (positions, d)
+        self.slot: list[int] = []  # per target: its position's index among all gathered
+        self.target: list[int] = []
+        self.where: list[tuple[int, int]] = []  # per target: (group, continuation)
+        self.count = 0
+
+    def add(self, batch: list[_Row], hidden: torch.Tensor) -> None:
+        slots: dict[tuple[int, int], int] = {}  # (row in batch, position) -> index
         for i, row in enumerate(batch):
             for j, p, tok in row.targets:
-                slot.append(slots.setdefault((i, p), len(slots)))
-                target.append(tok)
-                where.append((row.group, j))
-        if not target:
-            return
-        rows_idx, pos_idx = zip(*slots)
-        logprobs = self._head_logprobs(hidden[torch.tensor(rows_idx), torch.tensor(pos_idx)])
-        at, tgt = torch.tensor(slot, device=logprobs.device), torch.tensor(target, device=logprobs.device)
-        picked = logprobs[at, tgt].tolist()
-        greedy = (logprobs.argmax(-1)[at] == tgt).tolist()
+                self.slot.append(self.count + slots.setdefault((i, p), len(slots)))
+                self.target.append(tok)
+                self.where.append((row.group, j))
+        if slots:
+            rows_idx, pos_idx = zip(*slots)
+            self.hidden.append(hidden[torch.tensor(rows_idx), torch.tensor(pos_idx)])
+            self.count += len(slots)
+
+    def sum_into(self, out: list[list[tuple[float, bool]]], picked: list[float], greedy: list[bool]) -> None:
+        """Sum each continuation's token log-probabilities; greedy when every token is the argmax."""
         sums: dict[tuple[int, int], list] = {}
-        for key, lp, g in zip(where, picked, greedy):
+        for key, lp, g in zip(self.where, picked, greedy):
             acc = sums.setdefault(key, [0.0, True])
             acc[0] += lp
             acc[1] = acc[1] and g
         for (group, j), (lp, g) in sums.items():
             out[group][j] = (lp, g)
-
-    def _head_logprobs(self, h: torch.Tensor) -> torch.Tensor:
-        """(P, d) hidden states -> (P, V) float32 log-probabilities, the head always run on blocks of
-        exactly HEAD_ROWS rows (the last one padded): a matrix product's kernel, and so its rounding,
-        can change with its number of rows, which must not make a score depend on its batch."""
-        n = h.shape[0]
-        padded = torch.cat([h, h.new_zeros((-n) % HEAD_ROWS, h.shape[1])]) if n % HEAD_ROWS else h
-        blocks = [self.transform(self.head(block)) for block in padded.split(HEAD_ROWS)]
-        return torch.cat(blocks)[:n].log_softmax(-1, dtype=torch.float32)  # one pass from bf16 too
 
 
 def _expanded(prefix_kv, batch_size: int):
