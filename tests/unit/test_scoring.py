@@ -245,3 +245,30 @@ def test_an_output_layer_the_scorer_cannot_reproduce_is_refused(tmp_path, monkey
     monkeypatch.setattr(scoring, "output_transform", lambda model: lambda logits: logits)  # as if unknown
     with pytest.raises(TaskfitError, match="changes its output logits"):
         HFLM.load(ModelConfig(name=str(folder), dtype="float32", device="cpu"))
+
+
+def test_shared_prefix_is_computed_once_across_calls_per_autocast_state(tiny_folder):
+    """Chunks of a run with fixed demonstrations share one prefix: its cache is kept between
+    calls, one per autocast state (bf16 scores never reuse a float32 prefix, nor the reverse),
+    and a kept prefix gives exactly the scores of a fresh one."""
+    reqs = [Request(DEMOS + r.context, r.continuation) for r in requests()[:12]]  # 3 questions, one prefix
+    fresh = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
+    lm = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
+    groups = [Group(*lm._encode_pair(r.context, r.continuation)) for r in reqs]
+    groups = [Group(g.context, [g.continuations]) for g in groups]
+    prefix = shared_prefix_length(groups)
+    assert prefix >= len(lm._encode(DEMOS))
+
+    def computed(scorer, part, bf16=False):
+        before = scorer.tokens
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            scores = scorer.score(part)
+        return scores, scorer.tokens - before
+
+    reference, _ = computed(fresh.scorer, groups)
+    _, cost = computed(lm.scorer, groups[:8], bf16=True)
+    assert cost == prefix + sum(len(build_row(0, g, prefix).tokens) for g in groups[:8])
+    scores, cost = computed(lm.scorer, groups[:8])  # float32: its own prefix, computed once
+    assert scores == reference[:8] and cost == prefix + sum(len(build_row(0, g, prefix).tokens) for g in groups[:8])
+    scores, cost = computed(lm.scorer, groups[4:])  # the same prefix again: kept
+    assert scores == reference[4:] and cost == sum(len(build_row(0, g, prefix).tokens) for g in groups[4:])

@@ -122,6 +122,8 @@ class TreeScorer:
         """Tokens run through the model body so far (shared prefixes once, padding not counted)."""
         self.padded_tokens = 0
         """The same, padding included: what the batches cost."""
+        self._prefixes: dict[tuple, object] = {}
+        """Shared prefixes' key/value caches, the latest per autocast state (see `_prefix_cache`)."""
         params = inspect.signature(self.body.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
@@ -181,11 +183,19 @@ class TreeScorer:
         return batches[::-1]
 
     def _prefix_cache(self, prefix: list[int]):
-        ids = torch.tensor([prefix], device=self.device)
-        self.tokens += len(prefix)
-        self.padded_tokens += len(prefix)
-        output = self.body(input_ids=ids, use_cache=True)
-        return output.cache if self._cache_kw == "cache" else output.past_key_values
+        """The key/value cache of a shared prefix. The last ones computed are kept, per autocast
+        state: every chunk of a run with fixed demonstrations shares the same prefix. Whether a
+        prefix is shared never depends on this memory, so neither do the scores."""
+        kind = self.device.type
+        key = (tuple(prefix), torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        if key not in self._prefixes:
+            ids = torch.tensor([prefix], device=self.device)
+            self.tokens += len(prefix)
+            self.padded_tokens += len(prefix)
+            output = self.body(input_ids=ids, use_cache=True)
+            self._prefixes = {k: v for k, v in self._prefixes.items() if k[1:] != key[1:]}  # one per state
+            self._prefixes[key] = output.cache if self._cache_kw == "cache" else output.past_key_values
+        return self._prefixes[key]
 
     def _score_batch(self, batch: list[_Row], offset: int, prefix_kv) -> torch.Tensor:
         """The body's last hidden states (B, T, d) of a batch of rows."""
