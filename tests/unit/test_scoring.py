@@ -272,3 +272,19 @@ def test_shared_prefix_is_computed_once_across_calls_per_autocast_state(tiny_fol
     assert scores == reference[:8] and cost == prefix + sum(len(build_row(0, g, prefix).tokens) for g in groups[:8])
     scores, cost = computed(lm.scorer, groups[4:])  # the same prefix again: kept
     assert scores == reference[4:] and cost == sum(len(build_row(0, g, prefix).tokens) for g in groups[4:])
+
+
+def test_requests_are_encoded_together_exactly_as_one_by_one(lm):
+    """One tokenizer call for all distinct texts gives lm-eval's pair split, request by request."""
+
+    def one_by_one(req: Request) -> tuple[list[int], list[int]]:
+        stripped = req.context.rstrip(" ")
+        continuation = req.context[len(stripped) :] + req.continuation
+        if not stripped:
+            return [lm.tokenizer.bos_token_id], lm._encode(continuation)
+        ctx = lm._encode(stripped)
+        return ctx, lm._encode(stripped + continuation)[len(ctx) :]
+
+    reqs = [*mixed_requests(), Request("", "great"), Request("Answer: ", "great"), Request("Answer:", " great")]
+    reqs += reqs[:3]  # repeated requests
+    assert lm._encode_pairs(reqs) == [one_by_one(r) for r in reqs]

@@ -153,7 +153,7 @@ class HFLM:
 
         Groups and their continuations are laid out in a canonical order (sorted token ids, each
         pair once), so a score does not depend on the order or repetition of the requests."""
-        pairs = [tuple(map(tuple, self._encode_pair(r.context, r.continuation))) for r in requests]
+        pairs = [(tuple(ctx), tuple(cont)) for ctx, cont in self._encode_pairs(requests)]
         by_context: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
         for ctx, cont in pairs:
             by_context.setdefault(ctx, set()).add(cont)
@@ -191,17 +191,33 @@ class HFLM:
         return outputs
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        # As lm-evaluation-harness does: trailing spaces of the context move into the
-        # continuation; the pair is tokenized as one string and split at the context's length.
-        stripped = context.rstrip(" ")
-        continuation = context[len(stripped) :] + continuation
-        if not stripped:
-            prefix = self.tokenizer.bos_token_id
-            prefix = self.tokenizer.eos_token_id if prefix is None else prefix
-            return [prefix], self._encode(continuation)
-        whole = self._encode(stripped + continuation)
-        ctx = self._encode(stripped)
-        return ctx, whole[len(ctx) :]
+        return self._encode_pairs([Request(context, continuation)])[0]
+
+    def _encode_pairs(self, requests: list[Request]) -> list[tuple[list[int], list[int]]]:
+        """(context ids, continuation ids) per request. As lm-evaluation-harness does: trailing
+        spaces of the context move into the continuation; the pair is tokenized as one string
+        and split at the context's length. Every distinct text is encoded once, all in one call."""
+        texts: dict[str, int] = {}
+        plans = []
+        for req in requests:
+            stripped = req.context.rstrip(" ")
+            continuation = req.context[len(stripped) :] + req.continuation
+            if not stripped:
+                plans.append((None, texts.setdefault(continuation, len(texts))))
+            else:
+                plans.append(
+                    (texts.setdefault(stripped, len(texts)), texts.setdefault(stripped + continuation, len(texts)))
+                )
+        ids = self.tokenizer(list(texts), add_special_tokens=False).input_ids if texts else []
+        start = self.tokenizer.bos_token_id
+        start = self.tokenizer.eos_token_id if start is None else start
+        out = []
+        for ctx, whole in plans:
+            if ctx is None:  # no context: the continuation follows the start token
+                out.append(([start], ids[whole]))
+            else:
+                out.append((ids[ctx], ids[whole][len(ids[ctx]) :]))
+        return out
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
