@@ -265,3 +265,46 @@ def test_answer_metrics_count_each_packed_answer():
     out = causal.answer_metrics(SimpleNamespace(predictions=hits, label_ids=labels))
     assert out["exact_match"] == pytest.approx(2 / 3)  # [5 6] right, [7] wrong, [8 9] right
     assert out["token_accuracy"] == pytest.approx(4 / 5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("lora", [False, True])
+def test_answer_only_loss_and_gradients_equal_the_models_own(root, packed, lora):
+    """The head run on labelled positions only gives the loss and gradients of the model's own
+    forward (which runs it everywhere), padded or packed, plain or with a LoRA adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from taskfit.finetuning import training
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "decoder")
+    model = AutoModelForCausalLM.from_pretrained(root / "decoder")
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    job = make_job(root, "answer-loss", "generation", **SETTINGS["lora"])
+    pairs = [causal.Prompter(job, tokenizer).pair(ex) for ex in job.task.split("train")[:6]]
+    features, _ = causal.encode_all(tokenizer, pairs, 256, eos=True, joint=False)
+    batch = (causal.packing_collator() if packed else causal.padding_collator(tokenizer))(features)
+    count = int((batch["labels"][:, 1:] != -100).sum())
+    model.train()
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    own, own_grads = loss_and_grads(lambda: model(**batch, num_items_in_batch=count).loss)
+    ours, our_grads = loss_and_grads(lambda: training.answer_loss(model, batch, count))
+    assert ours == pytest.approx(own, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(our_grads, own_grads))
+
+
+def test_training_steps_use_the_answer_only_loss(root, monkeypatch):
+    from taskfit.finetuning import training
+
+    calls = []
+    original = training.answer_loss
+    monkeypatch.setattr(training, "answer_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
+    result = causal.generation(make_job(root, "answer-only-steps", "generation", **{**SETTINGS["lora"], "epochs": 1}))
+    assert len(calls) == result.info["steps"] > 0

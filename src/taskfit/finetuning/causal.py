@@ -265,6 +265,7 @@ def _train(job: FinetuneJob, prepared: common.Prepared, features: dict) -> tuple
         metric=METRIC,
         collator=collator,
         preprocess_logits=greedy_hits,
+        answer_only=True,
     )
     return trainer, stats, packing
 

@@ -135,6 +135,39 @@ class _Throughput(TrainerCallback):
         self.tokens = state.num_input_tokens_seen - self.tokens0
 
 
+class AnswerLossTrainer(Trainer):
+    """A causal LM's training loss from the LM head at the labelled positions only.
+
+    The model's own forward runs the head over every position and upcasts those (B, T, V)
+    logits to float32 for the loss, though only the answer tokens carry labels (a news
+    article's headline: ~3% of its positions). Training steps here run the body, pick the
+    hidden states whose next token is labelled, and run the head on those alone: the same
+    loss (sum over labelled tokens / the Trainer's token count, as transformers computes it).
+    Evaluation, and a model wrapped for several processes (whose forward must run), take
+    the Trainer's own path."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs or not model.training or model is not self.model:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return answer_loss(model, inputs, num_items_in_batch, bf16=self.args.bf16)
+
+
+def answer_loss(model: Any, inputs: dict[str, Any], num_items_in_batch=None, bf16: bool = False) -> torch.Tensor:
+    """Cross-entropy of the labelled next tokens, the head run only where a label follows."""
+    from taskfit.models.scoring import output_transform
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    labels = inputs["labels"][:, 1:]
+    keep = labels != -100
+    features = {k: v for k, v in inputs.items() if k != "labels"}
+    with torch.autocast(inner.device.type, torch.bfloat16, enabled=bf16):
+        hidden = inner.base_model(**features).last_hidden_state[:, :-1][keep]  # (N, d)
+        logits = output_transform(inner)(inner.get_output_embeddings()(hidden))
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+    return loss / count
+
+
 def make_trainer(
     job: Any,
     model: torch.nn.Module,
@@ -145,16 +178,19 @@ def make_trainer(
     metric: str = "accuracy",
     collator: Any = None,
     preprocess_logits: Callable | None = None,
+    answer_only: bool = False,
 ) -> Trainer:
     """A Trainer on tokenized, unpadded features (lists of dicts with `labels`); padded per batch.
 
     `preprocess_logits(logits, labels)` shrinks each eval batch's logits before they are gathered
-    (a causal LM's (B, T, V) logits over a whole dev split would not fit in memory)."""
+    (a causal LM's (B, T, V) logits over a whole dev split would not fit in memory).
+    `answer_only`: a causal LM whose loss needs the head at labelled positions only
+    (`AnswerLossTrainer`)."""
     args = arguments(job.folder, job.config, job.seed, len(train), job.model, metric)
     callbacks: list[TrainerCallback] = [_Throughput()]
     if job.config.early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=job.config.early_stopping))
-    trainer = Trainer(
+    trainer = (AnswerLossTrainer if answer_only else Trainer)(
         model=model,
         args=args,
         train_dataset=train,
@@ -198,6 +234,7 @@ def train(
     metric: str = "accuracy",
     collator: Any = None,
     preprocess_logits: Callable | None = None,
+    answer_only: bool = False,
 ) -> tuple[Trainer, TrainStats]:
     """Train on the features, resuming this job's latest checkpoint if there is one; on return
     the Trainer's model holds the best checkpoint by the dev `metric`."""
@@ -211,7 +248,7 @@ def train(
         job.folder, stamp, job.model.device
     )  # before the Trainer: it creates its output folder
     trainer = make_trainer(
-        job, model, tokenizer, train_set, dev_set, compute_metrics, metric, collator, preprocess_logits
+        job, model, tokenizer, train_set, dev_set, compute_metrics, metric, collator, preprocess_logits, answer_only
     )
     throughput = next(c for c in trainer.callback_handler.callbacks if isinstance(c, _Throughput))
     trainer.train(resume_from_checkpoint=True if resume else None)
