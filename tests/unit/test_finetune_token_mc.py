@@ -220,3 +220,27 @@ def test_killed_token_classification_run_resumes_to_the_same_result(root, result
     assert resumed.info["resumed_from_step"] == 6
     assert resumed.info["evaluations"] == uninterrupted.info["evaluations"]
     assert resumed.rows == uninterrupted.rows
+
+
+def test_filler_options_take_no_part_in_the_loss_or_the_dev_argmax(root):
+    """An example with 2 options batched with one of 3: its filler option gets the lowest logit,
+    so the loss is the mean cross-entropy over each example's own options."""
+    from transformers import AutoModelForMultipleChoice, AutoTokenizer
+
+    from taskfit.finetuning.multiple_choice import ChoiceTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "encoder")
+    model = AutoModelForMultipleChoice.from_pretrained(root / "encoder")
+    features = [
+        {k: v for k, v in tokenizer(["the food"] * 2, ["good", "very bad"]).items()} | {"labels": 1},
+        {k: v for k, v in tokenizer(["a day"] * 3, ["fine", "nice", "okay"]).items()} | {"labels": 2},
+    ]
+    batch = ChoiceCollator(tokenizer, mark_fillers=True)(features)
+    assert batch["choice_mask"].tolist() == [[True, True, False], [True, True, True]]
+    loss, outputs = ChoiceTrainer.compute_loss(None, model, batch, return_outputs=True)  # uses no Trainer state
+    plain = model(**{k: v for k, v in ChoiceCollator(tokenizer)(features).items() if k != "labels"}).logits
+    own = [torch.nn.functional.cross_entropy(plain[i, :n][None], torch.tensor([g])) for i, (n, g) in
+           enumerate([(2, 1), (3, 2)])]  # fmt: skip
+    assert loss.item() == pytest.approx(torch.stack(own).mean().item(), rel=1e-5)
+    assert outputs.logits[0, 2] == torch.finfo(outputs.logits.dtype).min
+    assert torch.equal(outputs.logits[1], plain[1]) and torch.equal(outputs.logits[0, :2], plain[0, :2])

@@ -265,7 +265,7 @@ def _train(job: FinetuneJob, prepared: common.Prepared, features: dict) -> tuple
         metric=METRIC,
         collator=collator,
         preprocess_logits=greedy_hits,
-        answer_only=True,
+        trainer_class=training.AnswerLossTrainer,
     )
     return trainer, stats, packing
 

@@ -7,6 +7,9 @@ over the options is trained with cross-entropy. The dev metric is accuracy.
 
 Decoder LMs have no multiple-choice head in transformers: they answer multiple choice by
 the log-likelihood of each option, and are trained as causal LMs in their own recipe.
+
+A batch's examples may have different numbers of options: the shorter ones are filled with
+empty pairs, which `ChoiceTrainer` keeps out of the softmax (loss and dev accuracy alike).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import Trainer
 
 from taskfit.errors import TaskfitError
 from taskfit.finetuning import FinetuneJob, FinetuneResult, common, data, training
@@ -50,13 +54,13 @@ def multiple_choice(job: FinetuneJob) -> FinetuneResult:
             for feature, ex in zip(features[split], examples):
                 feature["labels"] = ex.gold
     # train
-    collator = ChoiceCollator(tokenizer)
     trainer, stats = training.train(
         job, prepared.model, tokenizer, features["train"], features["dev"], _accuracy, prepared.loaded.identity,
-        collator=collator,
+        collator=ChoiceCollator(tokenizer, mark_fillers=True), trainer_class=ChoiceTrainer,
     )  # fmt: skip
     # evaluate
-    final, merge_diff = common.final_model(job, trainer, prepared, probe=features["dev"] + features["test"])
+    collator = ChoiceCollator(tokenizer)  # the model's own inputs only: test rows read their own options
+    final, merge_diff = common.final_model(job, trainer, prepared, features["dev"] + features["test"], collator)
     logits = common.predict_logits(
         final, features["test"], collator, job.config.batch_size, training.mixed_precision(job.model)
     )  # (N, max options)
@@ -102,9 +106,12 @@ class ChoiceCollator:
     """Pads a batch of examples to a (N, choices, L) tensor per field (right padding).
 
     Examples with fewer options than the batch's most are filled with empty (context, option)
-    pairs; their logits are never read for predictions (rows keep each example's own options)."""
+    pairs; their logits are never read for predictions (rows keep each example's own options).
+    `mark_fillers`: also a (N, choices) boolean `choice_mask`, true for real options, which
+    `ChoiceTrainer` takes out before the model sees the batch."""
 
     tokenizer: Any
+    mark_fillers: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         choices = max(len(f["input_ids"]) for f in features)
@@ -118,7 +125,24 @@ class ChoiceCollator:
         out = {k: v.view(len(features), choices, -1) for k, v in batch.items()}
         if "labels" in features[0]:
             out["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)
+        if self.mark_fillers:
+            out["choice_mask"] = torch.tensor([[j < len(f["input_ids"]) for j in range(choices)] for f in features])
         return out
+
+
+class ChoiceTrainer(Trainer):
+    """Cross-entropy over each example's own options: filler options (see `ChoiceCollator`) get
+    the lowest logit, so they take no probability in the loss and are never the dev argmax.
+    (The model's own loss would spread the softmax over the fillers too.)"""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels, real = inputs.pop("labels", None), inputs.pop("choice_mask", None)
+        outputs = model(**inputs)
+        if real is not None:
+            outputs.logits = outputs.logits.masked_fill(~real, torch.finfo(outputs.logits.dtype).min)
+        loss = None if labels is None else torch.nn.functional.cross_entropy(outputs.logits.float(), labels)
+        return (loss, outputs) if return_outputs else loss
 
 
 def _accuracy(eval_pred: Any) -> dict[str, float]:

@@ -178,19 +178,18 @@ def make_trainer(
     metric: str = "accuracy",
     collator: Any = None,
     preprocess_logits: Callable | None = None,
-    answer_only: bool = False,
+    trainer_class: type[Trainer] = Trainer,
 ) -> Trainer:
     """A Trainer on tokenized, unpadded features (lists of dicts with `labels`); padded per batch.
 
     `preprocess_logits(logits, labels)` shrinks each eval batch's logits before they are gathered
     (a causal LM's (B, T, V) logits over a whole dev split would not fit in memory).
-    `answer_only`: a causal LM whose loss needs the head at labelled positions only
-    (`AnswerLossTrainer`)."""
+    `trainer_class`: a Trainer with the recipe's own loss (`AnswerLossTrainer`, ...)."""
     args = arguments(job.folder, job.config, job.seed, len(train), job.model, metric)
     callbacks: list[TrainerCallback] = [_Throughput()]
     if job.config.early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=job.config.early_stopping))
-    trainer = (AnswerLossTrainer if answer_only else Trainer)(
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train,
@@ -234,7 +233,7 @@ def train(
     metric: str = "accuracy",
     collator: Any = None,
     preprocess_logits: Callable | None = None,
-    answer_only: bool = False,
+    trainer_class: type[Trainer] = Trainer,
 ) -> tuple[Trainer, TrainStats]:
     """Train on the features, resuming this job's latest checkpoint if there is one; on return
     the Trainer's model holds the best checkpoint by the dev `metric`."""
@@ -248,7 +247,7 @@ def train(
         job.folder, stamp, job.model.device
     )  # before the Trainer: it creates its output folder
     trainer = make_trainer(
-        job, model, tokenizer, train_set, dev_set, compute_metrics, metric, collator, preprocess_logits, answer_only
+        job, model, tokenizer, train_set, dev_set, compute_metrics, metric, collator, preprocess_logits, trainer_class
     )
     throughput = next(c for c in trainer.callback_handler.callbacks if isinstance(c, _Throughput))
     trainer.train(resume_from_checkpoint=True if resume else None)
