@@ -58,9 +58,9 @@ def root(tmp_path_factory) -> Path:
     return root
 
 
-def make_job(root: Path, folder: str, kind: str, **finetune) -> FinetuneJob:
+def make_job(root: Path, folder: str, kind: str, train: str | None = None, **finetune) -> FinetuneJob:
     prefix = "gen" if kind == "generation" else "mc"
-    task = {"type": kind, "data": {"train": f"{prefix}-train.jsonl", "test": f"{prefix}-test.jsonl"}}
+    task = {"type": kind, "data": {"train": train or f"{prefix}-train.jsonl", "test": f"{prefix}-test.jsonl"}}
     if kind == "generation":
         task.update(label="copy", input=["word"])
         finetune.setdefault("template", GEN_TEMPLATE)
@@ -308,3 +308,19 @@ def test_training_steps_use_the_answer_only_loss(root, monkeypatch):
     monkeypatch.setattr(training, "answer_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
     result = causal.generation(make_job(root, "answer-only-steps", "generation", **{**SETTINGS["lora"], "epochs": 1}))
     assert len(calls) == result.info["steps"] > 0
+
+
+def test_generation_trains_on_every_reference(root):
+    """An example with two acceptable references gives two training pairs; dev keeps the first."""
+    from transformers import AutoTokenizer
+
+    rows = [{"id": f"r{i}", "word": WORDS[i % 8], "copy": [WORDS[i % 8], WORDS[i % 8].upper()]} for i in range(24)]
+    _write(root / "gen-train-refs.jsonl", rows)
+    job = make_job(
+        root, "generation-refs", "generation", train="gen-train-refs.jsonl", **{**SETTINGS["lora"], "epochs": 1}
+    )
+    example = job.task.split("train")[0]
+    pairs = causal.Prompter(job, AutoTokenizer.from_pretrained(root / "decoder")).pairs(example)
+    assert [p.answer for p in pairs] == ["fox", "FOX"] and pairs[0].prompt == pairs[1].prompt
+    result = causal.generation(job)
+    assert result.info["train_pairs"] == 2 * result.info["train_examples"] > 0

@@ -11,6 +11,9 @@ Dev metric (both recipes): `token_accuracy`, the share of answer tokens that are
 (argmax) token under teacher forcing, computed from the Trainer's eval pass on the dev split.
 It is cheap (no decoding) and an answer with all its tokens right is exactly what greedy
 decoding produces; `exact_match` (all tokens right) is logged next to it.
+
+Generation examples with several acceptable references train on each of them (one pair per
+reference); dev scores the first, which also fills demonstrations when prompting.
 """
 
 from __future__ import annotations
@@ -51,7 +54,10 @@ def generation(job: FinetuneJob) -> FinetuneResult:
     prepared = common.prepare(job, AutoModelForCausalLM, "CAUSAL_LM", stratify=lambda ex: 0)
     tokenizer = prepared.loaded.tokenizer
     prompter = Prompter(job, tokenizer)
-    pairs = {s: [prompter.pair(ex) for ex in exs] for s, exs in (("train", prepared.train), ("dev", prepared.dev))}
+    pairs = {
+        "train": [pair for ex in prepared.train for pair in prompter.pairs(ex)],  # every reference
+        "dev": [prompter.pair(ex) for ex in prepared.dev],
+    }
     features, truncated = {}, 0
     for split, ps in pairs.items():
         features[split], cut = encode_all(tokenizer, ps, prepared.max_length, eos=True, joint=False)
@@ -67,7 +73,11 @@ def generation(job: FinetuneJob) -> FinetuneResult:
     rows = _generate(job, prompter, final, tokenizer, prepared.max_length, longest + MARGIN_TOKENS)
     # save
     info = {**_info(job, trainer, prepared, stats, final, merge_diff, truncated, masked), **packing}
-    info.update(max_new_tokens=longest + MARGIN_TOKENS, model_folder=str(common.save(job, trainer, final, tokenizer)))
+    info.update(
+        train_pairs=len(pairs["train"]),
+        max_new_tokens=longest + MARGIN_TOKENS,
+        model_folder=str(common.save(job, trainer, final, tokenizer)),
+    )
     return FinetuneResult(rows=rows, info=info)
 
 
@@ -129,8 +139,12 @@ class Prompter:
         return Rendered(text, rendered.after)
 
     def pair(self, example: Example) -> Pair:
+        return self.pairs(example)[example.gold]
+
+    def pairs(self, example: Example) -> list[Pair]:
+        """One pair per option: for a generation example, per acceptable reference."""
         ctx = self.context(example)
-        return Pair(ctx.before, example.gold_text + ctx.after)
+        return [Pair(ctx.before, option + ctx.after) for option in example.options]
 
 
 def _has_question(job: FinetuneJob) -> bool:
