@@ -146,12 +146,12 @@ def test_token_classification_export_reloads_with_the_same_predictions(root, res
         AutoModelForTokenClassification.from_pretrained(folder).eval(),
         AutoTokenizer.from_pretrained(folder),
     )
-    for row in result.rows[:6]:
-        encoded = tokenizer(row["tokens"], is_split_into_words=True, return_tensors="pt")
+    for row in result.rows[:6]:  # the words as running text, each token back to its word by offsets
+        [(feature, word_ids)] = encode_words(tokenizer, [row["tokens"]], 512)
         with torch.no_grad():
-            predicted = model(**encoded).logits[0].argmax(-1).tolist()
+            predicted = model(**{k: torch.tensor([v]) for k, v in feature.items()}).logits[0].argmax(-1).tolist()
         first = {}
-        for position, word in enumerate(encoded.word_ids(0)):
+        for position, word in enumerate(word_ids):
             if word is not None:
                 first.setdefault(word, position)
         tags = [model.config.id2label[predicted[first[w]]] for w in range(len(row["tokens"]))]
@@ -244,3 +244,21 @@ def test_filler_options_take_no_part_in_the_loss_or_the_dev_argmax(root):
     assert loss.item() == pytest.approx(torch.stack(own).mean().item(), rel=1e-5)
     assert outputs.logits[0, 2] == torch.finfo(outputs.logits.dtype).min
     assert torch.equal(outputs.logits[1], plain[1]) and torch.equal(outputs.logits[0, :2], plain[0, :2])
+
+
+def test_words_are_tokenized_as_running_text(root):
+    """A byte-level BPE tokenizer sees the words as the sentence it was trained on ("Ġfox" after
+    a space, not f-o-x), and every token maps back to the word it ends in."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "decoder")  # byte-level BPE, like GPT-2 or SmolLM
+    words = ["The", "quick", "brown", "fox", "jumps", "Madrid", "!"]
+    [(feature, word_ids)] = encode_words(tokenizer, [words], 64)
+    assert feature["input_ids"] == tokenizer(" ".join(words))["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(feature["input_ids"])
+    assert tokens[word_ids.index(3)] == "Ġfox"
+    spelled = {}
+    for token, word in zip(tokens, word_ids):
+        if word is not None:
+            spelled[word] = spelled.get(word, "") + tokenizer.convert_tokens_to_string([token])
+    assert [spelled[i].strip() for i in range(len(words))] == words

@@ -1,8 +1,12 @@
 """Token classification fine-tuning (named entities, chunks, part of speech): a tag per word.
 
 Same shape as the classification recipe (setup → train → evaluate → save), with
-`AutoModelForTokenClassification` (encoders and decoder LMs alike). The task's words are
-tokenized with `is_split_into_words=True`; each word's tag goes on its first sub-token, and
+`AutoModelForTokenClassification` (encoders and decoder LMs alike). A sentence's words are
+joined by spaces and tokenized as the running text the model was trained on (with a fast
+tokenizer; a slow one gets `is_split_into_words=True`), and each token is mapped back to its
+word by character offsets: byte-level BPE tokenizers (GPT-2, RoBERTa, Llama 3, SmolLM)
+given words one by one would encode them as if each began a text ("fox" as f-o-x, not
+"Ġfox"), or refuse. Each word's tag goes on its first sub-token, and
 the other sub-tokens and the special tokens get -100 (no loss), so a word split into several
 sub-tokens counts once. Predictions read the first sub-token's argmax and are written back
 in the task's tag scheme (BIO, IO, IOBES or plain). The dev metric is seqeval's entity F1.
@@ -13,6 +17,8 @@ counted in the manifest (`truncated_words`).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from typing import Any
 
 import numpy as np
@@ -75,9 +81,22 @@ def encode_words(tokenizer: Any, sentences: list[list[str]], max_length: int) ->
     """(unpadded feature, word index of each position: None for special tokens) per sentence."""
     if not sentences:
         return []
-    encoded = tokenizer(sentences, is_split_into_words=True, truncation=True, max_length=max_length)
+    if not tokenizer.is_fast:  # no character offsets
+        encoded = tokenizer(sentences, is_split_into_words=True, truncation=True, max_length=max_length)
+        word_ids = [encoded.word_ids(i) for i in range(len(sentences))]
+    else:
+        texts = [" ".join(words) for words in sentences]
+        encoded = tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=True)
+        word_ids = [_words_of(words, offsets) for words, offsets in zip(sentences, encoded["offset_mapping"])]
     names = [k for k in encoded if k in ("input_ids", "attention_mask", "token_type_ids")]
-    return [({k: encoded[k][i] for k in names}, encoded.word_ids(i)) for i in range(len(sentences))]
+    return [({k: encoded[k][i] for k in names}, word_ids[i]) for i in range(len(sentences))]
+
+
+def _words_of(words: list[str], offsets: list[tuple[int, int]]) -> list[int | None]:
+    """The word each token of `" ".join(words)` ends in (None for special tokens, which span
+    nothing). A token's last character decides: a leading space belongs to no word."""
+    starts = list(itertools.accumulate((len(w) + 1 for w in words[:-1]), initial=0))
+    return [None if start == end else bisect.bisect_right(starts, end - 1) - 1 for start, end in offsets]
 
 
 def align_labels(word_ids: list[int | None], labels: list[int]) -> list[int]:
