@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole benchmark suite in one command: each comparison with its peer, measured side by
 # side, then the table of goals (benchmarks/out/summary.md). Arguments go to run.sh (the
-# lm-eval comparison), e.g. --repeat 3. About an hour on 2 CPU cores; keep the machine idle.
+# lm-eval comparison), e.g. --repeat 3. About an hour and a half on 2 CPU cores (most of it the
+# generation benchmark's one-generate-per-sample baseline, in two dtypes); keep the machine idle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 benchmarks/run.sh "$@"

@@ -106,11 +106,12 @@ def memory_rows(out: Path) -> list[list[str]]:
     if not data or len(data) < 2:
         return [[what, peer, "does not grow with the test examples", "missing", ""]]
     small, big = data[0], data[-1]
+    grown = big["peak_mb"] - small["peak_mb"]
+    per_example = grown * 2**20 / max(big["examples"] - small["examples"], 1)
     measured = (
         f"{big['examples']:,}: {big['peak_mb']:.0f} MB vs {small['examples']:,}: {small['peak_mb']:.0f} MB "
-        f"(+{big['peak_mb'] - small['peak_mb']:.0f} MB; the test split itself stays in memory)"
+        f"(+{grown:.0f} MB, {per_example:.0f} bytes per extra example)"
     )
-    grown = big["peak_mb"] - small["peak_mb"]
     return [[what, peer, "does not grow with the test examples", measured, verdict(grown <= 0.1 * small["peak_mb"])]]
 
 
