@@ -242,6 +242,8 @@ def test_filler_options_take_no_part_in_the_loss_or_the_dev_argmax(root):
     own = [torch.nn.functional.cross_entropy(plain[i, :n][None], torch.tensor([g])) for i, (n, g) in
            enumerate([(2, 1), (3, 2)])]  # fmt: skip
     assert loss.item() == pytest.approx(torch.stack(own).mean().item(), rel=1e-5)
+    accumulated = ChoiceTrainer.compute_loss(None, model, batch, num_items_in_batch=4)  # 2 of 4 examples
+    assert accumulated.item() == pytest.approx(torch.stack(own).sum().item() / 4, rel=1e-5)
     assert outputs.logits[0, 2] == torch.finfo(outputs.logits.dtype).min
     assert torch.equal(outputs.logits[1], plain[1]) and torch.equal(outputs.logits[0, :2], plain[0, :2])
 

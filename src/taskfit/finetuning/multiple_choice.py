@@ -141,7 +141,10 @@ class ChoiceTrainer(Trainer):
         outputs = model(**inputs)
         if real is not None:
             outputs.logits = outputs.logits.masked_fill(~real, torch.finfo(outputs.logits.dtype).min)
-        loss = None if labels is None else torch.nn.functional.cross_entropy(outputs.logits.float(), labels)
+        loss = None
+        if labels is not None:  # per example; over the Trainer's count when it accumulates steps
+            loss = torch.nn.functional.cross_entropy(outputs.logits.float(), labels, reduction="sum")
+            loss = loss / (num_items_in_batch if num_items_in_batch is not None else len(labels))
         return (loss, outputs) if return_outputs else loss
 
 
