@@ -4,6 +4,11 @@ For every pair of cells at the same seed and every metric: the difference with a
 bootstrap 95% interval, a paired test (exact McNemar for accuracy, a paired permutation
 test otherwise), Holm–Bonferroni adjustment across all pairs of the metric, and the
 minimum difference the test could detect at this test size (power 0.8, alpha 0.05).
+
+A permutation test's p cannot go below 1 / (permutations + 1), and Holm multiplies the
+smallest by the number of pairs m: with 1,000 permutations and 45 pairs no difference could
+reach 0.01. Permutations therefore grow with the pairs (1,000 per pair, at most 20,000, and
+at most PERMUTATION_BUDGET items drawn per test), recorded per row.
 """
 
 from __future__ import annotations
@@ -24,14 +29,24 @@ from taskfit.evaluation.statistics import (
 )
 from taskfit.rundir import CellResult
 
+PERMUTATIONS_PER_PAIR = 1000
+MAX_PERMUTATIONS = 20000
+PERMUTATION_BUDGET = 200_000_000
+"""Items drawn by one permutation test at most (permutations x test items): bounds its time."""
+
 
 def compare_cells(cells: list[CellResult], *, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     """All pairwise comparisons (see module docstring), as written to comparison.json."""
     _same_task(cells)
     names = _unique_names(cells)
     rows = []
-    for a, b in _pairs(cells):
-        rows.extend(_compare_pair(a, b, names, resamples, seed))
+    pairs = _pairs(cells)
+    for a, b in pairs:
+        n = max(len(a.predictions), 1)
+        permutations = max(
+            resamples, min(PERMUTATIONS_PER_PAIR * len(pairs), MAX_PERMUTATIONS, PERMUTATION_BUDGET // n)
+        )
+        rows.extend(_compare_pair(a, b, names, (resamples, permutations), seed))
     for metric in {r["metric"] for r in rows}:
         family = [r for r in rows if r["metric"] == metric]
         for row, adjusted in zip(family, holm_bonferroni([r["p_value"] for r in family])):
@@ -47,10 +62,12 @@ def _pairs(cells: list[CellResult]) -> list[tuple[CellResult, CellResult]]:
     return [(a, b) for a, b in combinations(cells, 2) if a.seed == b.seed]
 
 
-def _compare_pair(a: CellResult, b: CellResult, names: dict[int, str], resamples: int, seed: int) -> list[dict]:
+def _compare_pair(a: CellResult, b: CellResult, names: dict[int, str], draws: tuple[int, int], seed: int) -> list[dict]:
+    """`draws`: (bootstrap resamples, permutations)."""
     kind = a.manifest.get("task", {}).get("type")
+    resamples, permutations = draws
     if kind in ("generation", "token_classification"):
-        return _compare_structured(kind, a, b, names, resamples, seed)
+        return _compare_structured(kind, a, b, names, draws, seed)
     gold, pred_a, pred_b, n_classes = _aligned(a, b, names)
     out = []
     for metric in _metrics(a):
@@ -60,7 +77,7 @@ def _compare_pair(a: CellResult, b: CellResult, names: dict[int, str], resamples
         if metric == "accuracy":
             test, p = "mcnemar_exact", mcnemar_exact(correct_a, correct_b)["p_value"]
         else:
-            perm = paired_permutation_test(fn, gold, pred_a, pred_b, n_classes, resamples=resamples, seed=seed)
+            perm = paired_permutation_test(fn, gold, pred_a, pred_b, n_classes, resamples=permutations, seed=seed)
             test, p = "paired_permutation", perm["p_value"]
         discordance = max(float(np.mean(correct_a != correct_b)), 1 / len(gold))
         out.append(
@@ -76,15 +93,20 @@ def _compare_pair(a: CellResult, b: CellResult, names: dict[int, str], resamples
                 "ci95": boot["ci95"],
                 "p_value": p,
                 "test": test,
+                **({"permutations": permutations} if test == "paired_permutation" else {}),
                 "mdd": minimum_detectable_difference(len(gold), discordance=discordance),
             }
         )
     return out
 
 
-def _compare_structured(kind: str, a: CellResult, b: CellResult, names, resamples: int, seed: int) -> list[dict]:
+def _compare_structured(
+    kind: str, a: CellResult, b: CellResult, names, draws: tuple[int, int], seed: int
+) -> list[dict]:
     """Generation: per-example exact match, token F1 and ROUGE-L, paired bootstrap and
-    permutation over examples. Token classification: entity metrics over resampled sentences."""
+    permutation over examples. Token classification: entity metrics over resampled sentences
+    (bootstrap and permutations drawn together, as many of each)."""
+    resamples, permutations = draws
     rows_a, rows_b = _same_items(a, b, names)
     ids = sorted(rows_a)
     correct_a = np.array([bool(rows_a[i].get("correct")) for i in ids])
@@ -99,7 +121,7 @@ def _compare_structured(kind: str, a: CellResult, b: CellResult, names, resample
             gold,
             [rows_a[i]["prediction"] for i in ids],
             [rows_b[i]["prediction"] for i in ids],
-            resamples=resamples,
+            resamples=permutations,
             seed=seed,
         )
         return [
@@ -108,12 +130,11 @@ def _compare_structured(kind: str, a: CellResult, b: CellResult, names, resample
                 **base,
                 **{k: st[k] for k in ("a_value", "b_value", "difference", "ci95", "p_value")},
                 "test": "paired_permutation",
+                "permutations": permutations,
             }
             for m, st in stats.items()
         ]
-    return [
-        _per_example_row(metric, values, base, resamples, seed) for metric, values in _text_scores(rows_a, rows_b, ids)
-    ]
+    return [_per_example_row(metric, values, base, draws, seed) for metric, values in _text_scores(rows_a, rows_b, ids)]
 
 
 def _text_scores(rows_a, rows_b, ids):
@@ -126,11 +147,11 @@ def _text_scores(rows_a, rows_b, ids):
         yield name, (va, vb)
 
 
-def _per_example_row(metric: str, values, base: dict, resamples: int, seed: int) -> dict:
+def _per_example_row(metric: str, values, base: dict, draws: tuple[int, int], seed: int) -> dict:
     va, vb = values
     dummy = np.zeros(len(va))
-    boot = paired_bootstrap(mean_score, dummy, va, vb, 0, resamples=resamples, seed=seed)
-    perm = paired_permutation_test(mean_score, dummy, va, vb, 0, resamples=resamples, seed=seed)
+    boot = paired_bootstrap(mean_score, dummy, va, vb, 0, resamples=draws[0], seed=seed)
+    perm = paired_permutation_test(mean_score, dummy, va, vb, 0, resamples=draws[1], seed=seed)
     return {
         "metric": metric,
         **base,
@@ -140,6 +161,7 @@ def _per_example_row(metric: str, values, base: dict, resamples: int, seed: int)
         "ci95": boot["ci95"],
         "p_value": perm["p_value"],
         "test": "paired_permutation",
+        "permutations": draws[1],
     }
 
 

@@ -116,3 +116,28 @@ def test_token_classification_runs_compare_entity_metrics(tmp_path):
     )
     f1 = next(r for r in rows["comparisons"] if r["metric"] == "entity_f1")
     assert f1["a_value"] == 1.0 and f1["b_value"] == 0.0 and f1["difference"] == 1.0
+
+
+def test_permutations_grow_with_the_pairs_so_holm_can_reach_small_p(tmp_path):
+    """With 6 runs (15 pairs) and 1,000 permutations, Holm's smallest adjusted p could not go
+    below 15/1001 = 0.015; the permutations now grow with the pairs."""
+    import random
+
+    from taskfit.compare import PERMUTATIONS_PER_PAIR
+    from taskfit.rundir import CellResult
+
+    labels = ["a", "b", "c"]
+    rng = random.Random(0)
+    gold = [labels[i % 3] for i in range(300)]
+    cells = []
+    for k in range(6):
+        predictions = gold if k == 0 else [rng.choice(labels) for _ in gold]
+        rows = [{"id": str(i), "label": g, "prediction": p, "correct": g == p} for i, (g, p) in
+                enumerate(zip(gold, predictions))]  # fmt: skip
+        manifest = {"run": f"r{k}", "label": f"r{k}", "seed": 0, "task": {"type": "classification", "labels": labels},
+                    "metrics": {"accuracy": 0.0, "macro_f1": 0.0}}  # fmt: skip
+        cells.append(CellResult(tmp_path / f"r{k}", manifest, rows))
+    rows = [r for r in compare_cells(cells)["comparisons"] if r["metric"] == "macro_f1"]
+    assert len(rows) == 15 and {r["permutations"] for r in rows} == {15 * PERMUTATIONS_PER_PAIR}
+    perfect_vs_random = [r for r in rows if "r0" in (r["a"], r["b"])]
+    assert max(r["p_adjusted"] for r in perfect_vs_random) < 15 / 1001 / 5
