@@ -205,6 +205,25 @@ def test_close_calls_are_rechecked_in_float32(tiny_folder, lm, monkeypatch):
     assert 1 <= some.rechecked < groups
 
 
+def test_a_recheck_lays_out_its_groups_as_the_float32_pass_would(tiny_folder, lm, monkeypatch):
+    """A single close group of a call with shared demos is rechecked with the call's cached
+    prefix: its scores are exactly those of the whole call scored in float32."""
+    from taskfit.models import hf
+
+    monkeypatch.setattr(hf, "cpu_has_native_bf16", lambda: True)
+    reqs = [Request(DEMOS + r.context, r.continuation) for r in requests()]
+    exact = lm.loglikelihood(reqs)
+    never = HFLM.load(ModelConfig(name=str(tiny_folder), device="cpu", recheck_margin=0))
+    rounded = never.loglikelihood(reqs)
+    contexts = sorted({r.context for r in reqs})
+    gaps = sorted((hf._top_gap([(lp, True) for lp, r in zip(rounded, reqs) if r.context == c]), c) for c in contexts)
+    one = HFLM.load(ModelConfig(name=str(tiny_folder), device="cpu", recheck_margin=(gaps[0][0] + gaps[1][0]) / 2))
+    got = one.loglikelihood(reqs)
+    assert one.rechecked == 1
+    close = [i for i, r in enumerate(reqs) if r.context == gaps[0][1]]
+    assert [got[i] for i in close] == [exact[i] for i in close]
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_model_loading_pauses_the_collector_and_restores_it(enabled, tiny_folder, monkeypatch):
     import gc

@@ -16,7 +16,7 @@ from taskfit.errors import TaskfitError
 from taskfit.models.base import GenerationRequest, Request
 from taskfit.models.generation import Generator
 from taskfit.models.registry import resolve
-from taskfit.models.scoring import Group, TreeScorer
+from taskfit.models.scoring import Group, TreeScorer, shared_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class HFLM:
         if not close:
             return
         with torch.autocast(str(self.scorer.device).split(":")[0], enabled=False):
-            exact = self.scorer.score([groups[i] for i in close])
+            exact = self.scorer.score([groups[i] for i in close], offset=shared_prefix_length(groups))
         for i, scored in zip(close, exact):
             results[i] = scored
         self.rechecked += len(close)

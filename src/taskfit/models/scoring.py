@@ -148,9 +148,12 @@ class TreeScorer:
             )
 
     @torch.no_grad()  # not inference_mode: under it, autocast re-casts every weight at every call (3x slower)
-    def score(self, groups: list[Group]) -> list[list[tuple[float, bool]]]:
-        """For each group, (summed log-probability, is greedy) per continuation."""
-        offset = shared_prefix_length(groups)
+    def score(self, groups: list[Group], offset: int | None = None) -> list[list[tuple[float, bool]]]:
+        """For each group, (summed log-probability, is greedy) per continuation. `offset`: how many
+        leading context tokens (common to all groups) run once as a cached prefix; by default
+        `shared_prefix_length(groups)`. A subset of a call's groups scored again with the call's
+        offset is laid out, and so scored, as it was in the call."""
+        offset = shared_prefix_length(groups) if offset is None else offset
         prefix_kv = self._prefix_cache(groups[0].context[:offset]) if offset else None
         rows = [build_row(i, g, offset) for i, g in enumerate(groups)]
         needed = _Needed()
