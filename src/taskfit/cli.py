@@ -56,6 +56,10 @@ def run(
             results = taskfit.run(experiment, only=only, limit=limit, out=out_dir, seed=seed, progress=progress)
     except TaskfitError as exc:
         _fail(exc)
+    from taskfit.store import is_main_process
+
+    if not is_main_process():  # under accelerate launch/torchrun, the main process reports
+        return
     out.print(results_table(results))
     target = out_dir or Path("runs") / taskfit.load_experiment(experiment).config.name
     out.print(f"Results written to {target}/results.json")

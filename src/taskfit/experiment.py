@@ -22,7 +22,7 @@ from taskfit.evaluation.aggregate import aggregate_seeds, spread
 from taskfit.finetune_cell import check_finetune_cell, run_finetune_cell
 from taskfit.models.base import LM
 from taskfit.models.cached import CachedLM
-from taskfit.store import ScoreCache, atomic_write, merge_results
+from taskfit.store import ScoreCache, atomic_write, is_main_process, merge_results
 from taskfit.tasks import Task, load_task
 
 
@@ -139,12 +139,20 @@ def run(
     cfg = p.experiment.config
     out_dir = Path(out) if out else Path("runs") / cfg.name
     per_cell: dict[Cell, dict] = {}
-    tracker = _tracker(cfg, out_dir)
-    for model, cells in _by_model(p.cells).items():
+    main = is_main_process()
+    tracker = _tracker(cfg, out_dir) if main else None
+    by_model = _by_model(p.cells)
+    # Every process of a multi-process launch trains together; the other cells, and the run's
+    # files, are the main process's alone. Fine-tuning comes first so that no process waits in
+    # a collective while the main one scores prompts.
+    for cells in by_model.values():
         for cell in (c for c in cells if p.runs[c.run].finetune):
             per_cell[cell] = run_finetune_cell(
                 cell, p.runs[cell.run].finetune, p.task, p.test_examples(), out_dir, p.experiment.root, tracker
             )
+    if not main:
+        return {}
+    for model, cells in by_model.items():
         prompted = [c for c in cells if p.runs[c.run].prompt]
         if not prompted:
             continue

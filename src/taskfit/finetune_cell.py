@@ -16,6 +16,7 @@ from taskfit.config import FinetuneConfig
 from taskfit.data import Example
 from taskfit.errors import TaskfitError
 from taskfit.manifest import reset_peak_memory
+from taskfit.store import is_main_process
 from taskfit.tasks import Task
 
 
@@ -75,6 +76,8 @@ def run_finetune_cell(
         where=f"runs.{cell.run}.finetune",
     )
     result = run_finetune(job)
+    if not is_main_process():  # it trained with the main process, which writes the cell
+        return {}
     identity = {**resolve(cell.model.name).identity, "dtype": result.info.get("dtype", "float32")}
     extra = {
         "trainable_parameters": result.info.get("trainable_parameters", 0),

@@ -23,6 +23,12 @@ from typing import Any
 from taskfit.models.base import Request
 
 
+def is_main_process() -> bool:
+    """Whether this process writes the run's files and prints: always, except under
+    `accelerate launch`/torchrun, where only global rank 0 does (the others train with it)."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
 def atomic_write(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

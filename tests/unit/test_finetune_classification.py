@@ -315,3 +315,47 @@ def test_a_merge_that_changes_the_logits_stops_the_run(root, monkeypatch):
     with pytest.raises(TaskfitError, match="changed the logits by up to") as caught:
         common.merge_checked(job, model, inputs, collator)
     assert "Nothing was exported" in str(caught.value) and "runs.ft.finetune" in str(caught.value)
+
+
+def test_a_two_process_launch_trains_together_and_writes_once(root, tmp_path):
+    """Under torchrun (as under `accelerate launch`), both processes train; the main one alone
+    scores the prompted run, writes the files and prints the table."""
+    import os
+    import subprocess
+    import sys
+
+    spec = {
+        "name": "mp",
+        "task": {
+            "type": "classification",
+            "data": {"train": str(root / "train.jsonl"), "test": str(root / "test.jsonl")},
+            "dev_fraction": 0.25,
+        },
+        "models": [{"name": str(root / "encoder"), "dtype": "float32"}],
+        "runs": {
+            "ft": {"finetune": {**SETTINGS["full"], "epochs": 2}},
+            "zs": {
+                "model": {"name": str(root / "decoder"), "dtype": "float32"},
+                "prompt": {"template": "{{ text }} It was {{ answer }}."},
+            },
+        },
+    }
+    (tmp_path / "mp.yaml").write_text(json.dumps(spec))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*launch, "-m", "taskfit", "run", "mp.yaml", "--out", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("Results written to") == 1
+    out = tmp_path / "out"
+    for name in ("ft", "zs"):
+        rows = [json.loads(line) for line in (out / name / "predictions.jsonl").read_text().splitlines()]
+        assert len(rows) == 16
+        assert json.loads((out / name / "manifest.json").read_text())["examples"] == 16
+    assert set(json.loads((out / "results.json").read_text())) == {"ft", "zs"}
+    assert not [p for p in out.rglob(".*") if p.is_file()]  # no partial or temporary file left behind
