@@ -397,3 +397,35 @@ def test_demos_never_include_a_test_example():
     for how in ("first", "random", "balanced"):
         demos = select_demos(train, 3, how, 0, "runs.x.prompt", exclude=test)
         assert len(demos) == 3 and all(d.fields["text"] != "same" for d in demos)
+
+
+def test_the_test_split_is_read_once_per_train_split_for_demo_exclusion():
+    """Strategies built again and again (cells, templates, dev selection) over one test split
+    stream it once per distinct train split; the exclusion stays right for each."""
+    from taskfit.data import Example
+    from taskfit.prompting.demos import select_demos
+
+    class Counted(list):
+        passes = 0
+
+        def __iter__(self):
+            Counted.passes += 1
+            return super().__iter__()
+
+    test = Counted([Example("q1", {"id": "q1", "text": "same"}, ("a", "b"), 0)])
+    train = [Example("t1", {"id": "t1", "text": "same"}, ("a", "b"), 0)] + [
+        Example(f"t{i}", {"id": f"t{i}", "text": f"other {i}"}, ("a", "b"), i % 2) for i in range(2, 6)
+    ]
+    for seed in range(5):
+        demos = select_demos(train, 3, "random", seed, "runs.x.prompt", exclude=test)
+        assert all(d.fields["text"] != "same" for d in demos)
+    assert Counted.passes == 1
+    assert [d.id for d in select_demos(train[1:], 4, "first", 0, "runs.x.prompt", exclude=test)] == [
+        "t2",
+        "t3",
+        "t4",
+        "t5",
+    ]
+    assert Counted.passes == 2  # another train split: read again
+    with_same = train[1:] + [Example("t9", {"id": "t9", "text": "same"}, ("a", "b"), 1)]
+    assert "t9" not in [d.id for d in select_demos(with_same, 4, "first", 0, "runs.x.prompt", exclude=test)]

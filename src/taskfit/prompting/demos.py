@@ -27,8 +27,7 @@ def select_demos(
     if shots == 0:
         return []
     contents = [_content(ex, id_field) for ex in train]
-    known = set(contents)
-    banned = {c for ex in exclude if (c := _content(ex, id_field)) in known}
+    banned = _banned(frozenset(contents), exclude, id_field)
     pool = [ex for ex, c in zip(train, contents) if c not in banned]
     if len(pool) < len(train):
         log.warning(
@@ -64,6 +63,22 @@ def _balanced(train: list[Example], shots: int, rng: random.Random) -> list[Exam
                 chosen.append(pool.pop())
     rng.shuffle(chosen)
     return chosen
+
+
+_seen: tuple[object, dict] = (None, {})
+"""The latest `exclude` split and, per (train contents, id field), the train contents it holds:
+an experiment's strategies (cells x template sets x dev selection) share one test split, which
+is then streamed once per distinct train split, not once per strategy."""
+
+
+def _banned(known: frozenset[str], exclude: Iterable[Example], id_field: str) -> set[str]:
+    global _seen
+    if _seen[0] is not exclude:
+        _seen = (exclude, {})
+    memo = _seen[1]
+    if (known, id_field) not in memo:
+        memo[known, id_field] = {c for ex in exclude if (c := _content(ex, id_field)) in known}
+    return memo[known, id_field]
 
 
 def _content(ex: Example, id_field: str) -> str:
