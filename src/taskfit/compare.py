@@ -104,8 +104,7 @@ def _compare_structured(
     kind: str, a: CellResult, b: CellResult, names, draws: tuple[int, int], seed: int
 ) -> list[dict]:
     """Generation: per-example exact match, token F1 and ROUGE-L, paired bootstrap and
-    permutation over examples. Token classification: entity metrics over resampled sentences
-    (bootstrap and permutations drawn together, as many of each)."""
+    permutation over examples. Token classification: entity metrics over resampled sentences."""
     resamples, permutations = draws
     rows_a, rows_b = _same_items(a, b, names)
     ids = sorted(rows_a)
@@ -121,7 +120,8 @@ def _compare_structured(
             gold,
             [rows_a[i]["prediction"] for i in ids],
             [rows_b[i]["prediction"] for i in ids],
-            resamples=permutations,
+            resamples=resamples,
+            permutations=permutations,
             seed=seed,
         )
         return [

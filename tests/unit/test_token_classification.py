@@ -235,6 +235,9 @@ def test_paired_comparison_of_two_taggers():
     better = paired_comparison(gold, gold, a, seed=0)["entity_f1"]
     assert better["a_value"] == 1.0 and better["b_value"] == pytest.approx(f1_score(gold, a))
     assert better["difference"] > 0 and better["ci95"][0] > 0 and better["p_value"] < 0.01
+    more = paired_comparison(gold, gold, a, resamples=200, permutations=4999, seed=0)["entity_f1"]
+    assert more["p_value"] == pytest.approx(1 / 5000)  # (1 + 0 extreme) / (1 + permutations)
+    assert more["ci95"] != better["ci95"]  # its own 200 bootstrap draws
 
 
 # ---------------------------------------------------------------- parsing entity lines

@@ -99,26 +99,29 @@ def paired_comparison(
     pred_b: Sequence[Sequence[str]],
     *,
     resamples: int = 1000,
+    permutations: int | None = None,
     seed: int = 0,
 ) -> dict[str, dict[str, object]]:
     """Per metric, system a against b on the same sentences: {"a_value", "b_value",
-    "difference", "ci95" (paired bootstrap: both systems on the same drawn sentences),
-    "p_value" (paired permutation test: each sentence's counts swapped between the systems
-    with probability 1/2; (1 + #extreme) / (1 + resamples))}. For `taskfit compare`."""
+    "difference", "ci95" (paired bootstrap over `resamples` draws: both systems on the same drawn
+    sentences), "p_value" (paired permutation test over `permutations` draws, default as many:
+    each sentence's counts swapped between the systems with probability 1/2;
+    (1 + #extreme) / (1 + permutations))}. For `taskfit compare`."""
+    permutations = resamples if permutations is None else permutations
     a, b = sentence_counts(gold, pred_a), sentence_counts(gold, pred_b)  # (N, 5) each
     n = len(a)
     if n == 0:
         raise ValueError("paired_comparison: no sentences to compare")
     observed_a, observed_b = scores_from_counts(a.sum(axis=0)), scores_from_counts(b.sum(axis=0))
-    rng = np.random.default_rng(seed)
+    boot_rng, perm_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
     boot: dict[str, list[np.ndarray]] = {name: [] for name in observed_a}
-    extreme = dict.fromkeys(observed_a, 0)
     for start in range(0, resamples, _BLOCK):
-        size = min(_BLOCK, resamples - start)
-        idx = rng.integers(0, n, size=(size, n))  # (B, N)
+        idx = boot_rng.integers(0, n, size=(min(_BLOCK, resamples - start), n))  # (B, N)
         for name, d in _differences(a[idx].sum(axis=1), b[idx].sum(axis=1)).items():
             boot[name].append(d)
-        swap = (rng.random((size, n)) < 0.5)[..., None]  # (B, N, 1)
+    extreme = dict.fromkeys(observed_a, 0)
+    for start in range(0, permutations, _BLOCK):
+        swap = (perm_rng.random((min(_BLOCK, permutations - start), n)) < 0.5)[..., None]  # (B, N, 1)
         perm = _differences(np.where(swap, b, a).sum(axis=1), np.where(swap, a, b).sum(axis=1))
         for name, d in perm.items():
             observed = abs(float(observed_a[name] - observed_b[name]))
@@ -131,7 +134,7 @@ def paired_comparison(
             "b_value": float(observed_b[name]),
             "difference": float(observed_a[name] - observed_b[name]),
             "ci95": [float(v) for v in np.percentile(diffs, [2.5, 97.5])],
-            "p_value": (1 + extreme[name]) / (1 + resamples),
+            "p_value": (1 + extreme[name]) / (1 + permutations),
         }
     return out
 
