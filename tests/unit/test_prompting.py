@@ -416,11 +416,12 @@ def test_the_test_split_is_read_once_per_train_split_for_demo_exclusion():
     train = [Example("t1", {"id": "t1", "text": "same"}, ("a", "b"), 0)] + [
         Example(f"t{i}", {"id": f"t{i}", "text": f"other {i}"}, ("a", "b"), i % 2) for i in range(2, 6)
     ]
+    memo: dict = {}
     for seed in range(5):
-        demos = select_demos(train, 3, "random", seed, "runs.x.prompt", exclude=test)
+        demos = select_demos(train, 3, "random", seed, "runs.x.prompt", exclude=test, memo=memo)
         assert all(d.fields["text"] != "same" for d in demos)
     assert Counted.passes == 1
-    assert [d.id for d in select_demos(train[1:], 4, "first", 0, "runs.x.prompt", exclude=test)] == [
+    assert [d.id for d in select_demos(train[1:], 4, "first", 0, "runs.x.prompt", exclude=test, memo=memo)] == [
         "t2",
         "t3",
         "t4",
@@ -428,4 +429,7 @@ def test_the_test_split_is_read_once_per_train_split_for_demo_exclusion():
     ]
     assert Counted.passes == 2  # another train split: read again
     with_same = train[1:] + [Example("t9", {"id": "t9", "text": "same"}, ("a", "b"), 1)]
-    assert "t9" not in [d.id for d in select_demos(with_same, 4, "first", 0, "runs.x.prompt", exclude=test)]
+    assert "t9" not in [d.id for d in select_demos(with_same, 4, "first", 0, "runs.x.prompt", exclude=test, memo=memo)]
+    assert Counted.passes == 2  # the same contents as `train` (other ids): known already
+    select_demos(train, 3, "first", 0, "runs.x.prompt", exclude=test)  # no memo: read every time
+    assert Counted.passes == 3

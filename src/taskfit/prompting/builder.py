@@ -42,7 +42,8 @@ class PromptBuilder:
             self._fixed: list[Example] | None = None
         else:
             train = task.split("train")
-            demos = select_demos(train, cfg.shots, cfg.demos, seed, where, task.split("test"), task.config.id)
+            test, memo = task.split("test"), task.memo
+            demos = select_demos(train, cfg.shots, cfg.demos, seed, where, test, task.config.id, memo)
             self._fixed = self._ordered(demos, str(seed))
 
     def _label_answers(self) -> list[list[str]] | None:

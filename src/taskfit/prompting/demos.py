@@ -21,13 +21,14 @@ def select_demos(
     where: str,
     exclude: Iterable[Example] = (),
     id_field: str = "id",
+    memo: dict | None = None,
 ) -> list[Example]:
     """`shots` train examples, never one whose content equals an example of `exclude` (the test split,
     streamed past: memory follows the train split, not the test split)."""
     if shots == 0:
         return []
     contents = [_content(ex, id_field) for ex in train]
-    banned = _banned(frozenset(contents), exclude, id_field)
+    banned = _banned(frozenset(contents), exclude, id_field, {} if memo is None else memo)
     pool = [ex for ex, c in zip(train, contents) if c not in banned]
     if len(pool) < len(train):
         log.warning(
@@ -65,20 +66,14 @@ def _balanced(train: list[Example], shots: int, rng: random.Random) -> list[Exam
     return chosen
 
 
-_seen: tuple[object, dict] = (None, {})
-"""The latest `exclude` split and, per (train contents, id field), the train contents it holds:
-an experiment's strategies (cells x template sets x dev selection) share one test split, which
-is then streamed once per distinct train split, not once per strategy."""
-
-
-def _banned(known: frozenset[str], exclude: Iterable[Example], id_field: str) -> set[str]:
-    global _seen
-    if _seen[0] is not exclude:
-        _seen = (exclude, {})
-    memo = _seen[1]
-    if (known, id_field) not in memo:
-        memo[known, id_field] = {c for ex in exclude if (c := _content(ex, id_field)) in known}
-    return memo[known, id_field]
+def _banned(known: frozenset[str], exclude: Iterable[Example], id_field: str, memo: dict) -> set[str]:
+    """The contents in `known` that `exclude` holds, computed once per (split, train contents)
+    in `memo`: the strategies of an experiment (cells x template sets x dev selection) share
+    one test split, which is then streamed once per distinct train split."""
+    key = ("demo-exclusion", id(exclude), known, id_field)
+    if key not in memo:  # the value holds `exclude` itself, so that its id is not reused meanwhile
+        memo[key] = (exclude, {c for ex in exclude if (c := _content(ex, id_field)) in known})
+    return memo[key][1]
 
 
 def _content(ex: Example, id_field: str) -> str:

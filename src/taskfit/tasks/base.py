@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,9 @@ class Task:
     labels: tuple[str, ...] | None = None
     tags: tuple[str, ...] | None = None
     """Token classification: the tag set, in order (`O` first unless `task.tags` says otherwise)."""
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
+    """Values derived from the splits, computed once per experiment (which train contents the test
+    split also holds, for demonstrations); tasks made from this one with `replace` share it."""
 
     @property
     def type(self) -> str:
