@@ -105,13 +105,16 @@ def wait_until_quiet(max_wait: float) -> float:
     return time.perf_counter() - start
 
 
-def timed(cmd: list[str], log: Path, env: dict, args) -> dict:
+def timed(cmd: list[str], log: Path, env: dict, args, clean) -> dict:
     """Run cmd until --repeat runs were quiet (other processes used under --max-other-load
-    cores), at most --retries extra times. Returns the fastest quiet run (else the fastest):
-    its wall time, the child's CPU time, and the cores other processes used meanwhile."""
+    cores), at most --retries extra times, each after `clean()` emptied its output folder (a
+    repeated taskfit run would otherwise find every score in its cache). Returns the fastest
+    quiet run (else the fastest): its wall time, the child's CPU time, and the cores other
+    processes used meanwhile. The last run's output is what the caller reads."""
     best, quiet, tries = None, 0, 0
     while quiet < args.repeat and tries < args.repeat + args.retries:
         tries += 1
+        clean()
         waited = wait_until_quiet(args.quiet_wait)
         busy0, child0 = cpu_busy()[0], resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
@@ -143,7 +146,7 @@ def fresh(path: Path) -> Path:
 
 
 def run_lm_eval(args, out: Path, job: str, shots: int, n: int, bs: int, env: dict, dtype: str = "float32") -> dict:
-    run_dir = fresh(out / "lm_eval" / (f"{job}-bs{bs}" + ("" if dtype == "float32" else f"-{dtype}")))
+    run_dir = out / "lm_eval" / (f"{job}-bs{bs}" + ("" if dtype == "float32" else f"-{dtype}"))
     cmd = [
         args.lm_eval,
         "--model",
@@ -166,7 +169,7 @@ def run_lm_eval(args, out: Path, job: str, shots: int, n: int, bs: int, env: dic
         "--device",
         "cpu",
     ]
-    timing = timed(cmd, run_dir / "log.txt", env, args)
+    timing = timed(cmd, run_dir / "log.txt", env, args, clean=lambda: fresh(run_dir))
     [samples] = glob.glob(str(run_dir / "**" / f"samples_{TASK}_*.jsonl"), recursive=True)
     rows = {}
     for line in open(samples, encoding="utf-8"):
@@ -192,10 +195,10 @@ def run_taskfit(args, out: Path, job: str, shots: int, n: int, dtype: str, env: 
         encoding="utf-8",
     )
     run_dir = out / "taskfit" / name
-    shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = out / "taskfit" / f"{name}.log"
-    timing = timed([args.taskfit, "run", str(yaml_path), "--limit", str(n), "--out", str(run_dir)], log, env, args)
+    cmd = [args.taskfit, "run", str(yaml_path), "--limit", str(n), "--out", str(run_dir)]
+    timing = timed(cmd, log, env, args, clean=lambda: shutil.rmtree(run_dir, ignore_errors=True))
     rows = {}
     for line in open(run_dir / job / "predictions.jsonl", encoding="utf-8"):
         r = json.loads(line)
