@@ -267,6 +267,23 @@ def test_answer_metrics_count_each_packed_answer():
     assert out["token_accuracy"] == pytest.approx(4 / 5)
 
 
+def test_dev_counts_each_example_with_its_best_reference():
+    """Answers 0 and 1 are two references of one example, answer 2 another example's only one."""
+    from types import SimpleNamespace
+
+    x = -100
+    labels = np.array([[x, x, 5, 6, x, x, 7, 8, x, 9, 4]])  # [5 6], [7 8], [9 4]
+    hits = np.array([[0, 0, 0, 0, 0, 1, 1, 0, 1, 0]])  # [5 6] 0 of 2, [7 8] 2 of 2, [9 4] 1 of 2
+    pred = SimpleNamespace(predictions=hits, label_ids=labels)
+    out = causal.best_reference_metrics([0, 0, 1])(pred)
+    assert out["token_accuracy"] == pytest.approx(3 / 4)  # [7 8] for the first example, [9 4]
+    assert out["exact_match"] == pytest.approx(1 / 2)
+    alone = causal.answer_metrics(pred)  # every answer its own example
+    assert alone["token_accuracy"] == pytest.approx(3 / 6) and alone["exact_match"] == pytest.approx(1 / 3)
+    with pytest.raises(RuntimeError, match="3 answers in the eval pass, 2 expected"):
+        causal.best_reference_metrics([0, 1])(pred)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("lora", [False, True])
 def test_answer_only_loss_and_gradients_equal_the_models_own(root, packed, lora):
@@ -310,17 +327,59 @@ def test_training_steps_use_the_answer_only_loss(root, monkeypatch):
     assert len(calls) == result.info["steps"] > 0
 
 
-def test_generation_trains_on_every_reference(root):
-    """An example with two acceptable references gives two training pairs; dev keeps the first."""
+@pytest.mark.parametrize("packing", [False, True])
+def test_generation_trains_on_every_reference(root, packing):
+    """An example with two acceptable references gives two training pairs, and two dev pairs
+    (packed or not, the eval pass gives the dev metric every answer, in order)."""
     from transformers import AutoTokenizer
 
     rows = [{"id": f"r{i}", "word": WORDS[i % 8], "copy": [WORDS[i % 8], WORDS[i % 8].upper()]} for i in range(24)]
     _write(root / "gen-train-refs.jsonl", rows)
-    job = make_job(
-        root, "generation-refs", "generation", train="gen-train-refs.jsonl", **{**SETTINGS["lora"], "epochs": 1}
-    )
+    settings = {**SETTINGS["lora"], "epochs": 1, "packing": packing}
+    job = make_job(root, f"generation-refs-{packing}", "generation", train="gen-train-refs.jsonl", **settings)
     example = job.task.split("train")[0]
     pairs = causal.Prompter(job, AutoTokenizer.from_pretrained(root / "decoder")).pairs(example)
     assert [p.answer for p in pairs] == ["fox", "FOX"] and pairs[0].prompt == pairs[1].prompt
     result = causal.generation(job)
     assert result.info["train_pairs"] == 2 * result.info["train_examples"] > 0
+    assert result.info["dev_pairs"] == 2 * result.info["dev_examples"] > 0
+    assert result.info["packing"] is packing
+    assert all(0 <= e["token_accuracy"] <= 1 for e in result.info["evaluations"])
+
+
+def test_packed_generation_under_two_processes_scores_every_dev_answer_once(root, tmp_path):
+    """torchrun, 2 CPU processes, packing, two references per example: the dev metric gets every
+    dev answer once and in order (packed eval batches padded across processes did not)."""
+    import os
+    import subprocess
+    import sys
+
+    rows = [{"id": f"r{i}", "word": WORDS[i % 8], "copy": [WORDS[i % 8], WORDS[i % 8].upper()]} for i in range(27)]
+    _write(tmp_path / "train.jsonl", rows)
+    finetune = {**SETTINGS["lora"], "epochs": 2, "batch_size": 3, "packing": True, "template": GEN_TEMPLATE}
+    spec = {
+        "name": "mp",
+        "task": {
+            "type": "generation",
+            "label": "copy",
+            "input": ["word"],
+            "data": {"train": "train.jsonl", "test": str(root / "gen-test.jsonl")},
+            "dev_fraction": 0.25,
+        },
+        "models": [{"name": str(root / "decoder"), "dtype": "float32"}],
+        "runs": {"ft": {"finetune": finetune}},
+    }
+    (tmp_path / "mp.yaml").write_text(json.dumps(spec))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*launch, "-m", "taskfit", "run", "mp.yaml", "--out", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads((tmp_path / "out" / "ft" / "manifest.json").read_text())["finetune"]
+    assert info["packing"] is True and info["dev_pairs"] == 2 * info["dev_examples"] == 14
+    assert info["evaluations"] and all(0 <= e["token_accuracy"] <= 1 for e in info["evaluations"])

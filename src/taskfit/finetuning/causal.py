@@ -13,11 +13,14 @@ It is cheap (no decoding) and an answer with all its tokens right is exactly wha
 decoding produces; `exact_match` (all tokens right) is logged next to it.
 
 Generation examples with several acceptable references train on each of them (one pair per
-reference); dev scores the first, which also fills demonstrations when prompting.
+reference), and dev scores each of them: an example counts with its best-predicted reference
+(as the test metrics take the best reference), so a model that learned another acceptable
+answer is not marked down for it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -54,17 +57,18 @@ def generation(job: FinetuneJob) -> FinetuneResult:
     prepared = common.prepare(job, AutoModelForCausalLM, "CAUSAL_LM", stratify=lambda ex: 0)
     tokenizer = prepared.loaded.tokenizer
     prompter = Prompter(job, tokenizer)
-    pairs = {
-        "train": [pair for ex in prepared.train for pair in prompter.pairs(ex)],  # every reference
-        "dev": [prompter.pair(ex) for ex in prepared.dev],
+    pairs = {  # every reference
+        "train": [pair for ex in prepared.train for pair in prompter.pairs(ex)],
+        "dev": [pair for ex in prepared.dev for pair in prompter.pairs(ex)],
     }
+    owners = [i for i, ex in enumerate(prepared.dev) for _ in ex.options]  # dev pair -> its example
     features, truncated = {}, 0
     for split, ps in pairs.items():
         features[split], cut = encode_all(tokenizer, ps, prepared.max_length, eos=True, joint=False)
         truncated += cut
     masked = masked_example(tokenizer, features["train"][0])
     # train
-    trainer, stats, packing = _train(job, prepared, features)
+    trainer, stats, packing = _train(job, prepared, features, best_reference_metrics(owners))
     # evaluate
     final, merge_diff = common.final_model(
         job, trainer, prepared, features["dev"] + features["train"], padding_collator(tokenizer)
@@ -75,6 +79,7 @@ def generation(job: FinetuneJob) -> FinetuneResult:
     info = {**_info(job, trainer, prepared, stats, final, merge_diff, truncated, masked), **packing}
     info.update(
         train_pairs=len(pairs["train"]),
+        dev_pairs=len(pairs["dev"]),
         max_new_tokens=longest + MARGIN_TOKENS,
         model_folder=str(common.save(job, trainer, final, tokenizer)),
     )
@@ -251,8 +256,11 @@ def packing_leaks(model: Any, tokenizer: Any, features: list[dict]) -> tuple[flo
     return float((alone - packed[0]).abs().max()), float(alone.abs().max())
 
 
-def _train(job: FinetuneJob, prepared: common.Prepared, features: dict) -> tuple[Any, training.TrainStats, dict]:
-    """Train; returns the Trainer, its stats, and the packing facts for the manifest."""
+def _train(
+    job: FinetuneJob, prepared: common.Prepared, features: dict, metrics: Any = None
+) -> tuple[Any, training.TrainStats, dict]:
+    """Train; returns the Trainer, its stats, and the packing facts for the manifest.
+    `metrics`: the dev metrics from the eval pass (default `answer_metrics`)."""
     tokenizer = prepared.loaded.tokenizer
     collator, packing = padding_collator(tokenizer), {"packing": False}
     if job.config.packing:
@@ -274,12 +282,12 @@ def _train(job: FinetuneJob, prepared: common.Prepared, features: dict) -> tuple
         tokenizer,
         features["train"],
         features["dev"],
-        answer_metrics,
+        metrics or answer_metrics,
         prepared.loaded.identity,
         metric=METRIC,
         collator=collator,
         preprocess_logits=greedy_hits,
-        trainer_class=training.AnswerLossTrainer,
+        trainer_class=functools.partial(training.AnswerLossTrainer, eval_collator=padding_collator(tokenizer)),
     )
     return trainer, stats, packing
 
@@ -295,13 +303,48 @@ def answer_metrics(eval_pred: Any) -> dict[str, float]:
 
     An answer is a run of consecutive labelled positions (a packed row holds several, each
     after its own -100 prompt)."""
+    right, total = _answer_counts(eval_pred)
+    return {
+        METRIC: float(right.sum() / max(total.sum(), 1)),
+        "exact_match": float(np.mean(right == total)) if len(total) else 0.0,
+    }
+
+
+def best_reference_metrics(owners: list[int]):
+    """`answer_metrics` where several answers belong to one example (`owners[k]`: the example
+    of the k-th answer, in dev order): each example counts with its answer of highest token
+    accuracy (the first of equals), and is an exact match when any of its answers is."""
+
+    def metrics(eval_pred: Any) -> dict[str, float]:
+        right, total = _answer_counts(eval_pred)
+        if len(total) != len(owners):  # the eval pass must see every dev answer once, in order
+            raise RuntimeError(f"dev metrics: {len(total)} answers in the eval pass, {len(owners)} expected")
+        best: dict[int, int] = {}  # example -> its best answer
+        exact: dict[int, bool] = {}
+        for k, example in enumerate(owners):
+            if example not in best or right[k] * total[best[example]] > right[best[example]] * total[k]:
+                best[example] = k
+            exact[example] = exact.get(example, False) or bool(right[k] == total[k])
+        chosen = list(best.values())
+        return {
+            METRIC: float(right[chosen].sum() / max(total[chosen].sum(), 1)),
+            "exact_match": float(np.mean(list(exact.values()))) if exact else 0.0,
+        }
+
+    return metrics
+
+
+def _answer_counts(eval_pred: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per answer, in order: its greedy-right tokens and its tokens."""
     hits = np.asarray(eval_pred.predictions)
     labels = np.asarray(eval_pred.label_ids)[:, 1:]
     width = min(hits.shape[1], labels.shape[1])  # both are padded to the longest batch (-100)
     hits, mask = hits[:, :width], labels[:, :width] != -100
     correct = (hits == 1) & mask
-    whole = [bool(c[start:end].all()) for c, m in zip(correct, mask) for start, end in _runs(m)]
-    return {METRIC: float(correct.sum() / max(mask.sum(), 1)), "exact_match": float(np.mean(whole)) if whole else 0.0}
+    runs = [(row, start, end) for row, m in enumerate(mask) for start, end in _runs(m)]
+    right = np.array([int(correct[row, start:end].sum()) for row, start, end in runs], dtype=np.int64)
+    total = np.array([end - start for _, start, end in runs], dtype=np.int64)
+    return right, total
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:

@@ -146,6 +146,22 @@ class AnswerLossTrainer(Trainer):
     Evaluation, and a model wrapped for several processes (whose forward must run), take
     the Trainer's own path."""
 
+    def __init__(self, *args, eval_collator: Callable | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_collator = eval_collator
+        """Batches for evaluation where training packs: one answer per row, so that the dev
+        metric sees each answer once and in order, on any number of processes (a packed last
+        batch, padded with repeated examples across processes, cannot be trimmed back)."""
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if self.eval_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        train_collator, self.data_collator = self.data_collator, self.eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs or not model.training or model is not self.model:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -178,7 +194,7 @@ def make_trainer(
     metric: str = "accuracy",
     collator: Any = None,
     preprocess_logits: Callable | None = None,
-    trainer_class: type[Trainer] = Trainer,
+    trainer_class: Callable[..., Trainer] = Trainer,
 ) -> Trainer:
     """A Trainer on tokenized, unpadded features (lists of dicts with `labels`); padded per batch.
 
@@ -233,7 +249,7 @@ def train(
     metric: str = "accuracy",
     collator: Any = None,
     preprocess_logits: Callable | None = None,
-    trainer_class: type[Trainer] = Trainer,
+    trainer_class: Callable[..., Trainer] = Trainer,
 ) -> tuple[Trainer, TrainStats]:
     """Train on the features, resuming this job's latest checkpoint if there is one; on return
     the Trainer's model holds the best checkpoint by the dev `metric`."""
