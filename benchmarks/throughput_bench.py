@@ -134,9 +134,9 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|",
     ]
     rows = {}
-    # Each dtype in a fresh process, as a run would have it: in one process, the dtype measured
-    # second scored slower against its own body in both orders tried (70% and 73%, against
-    # 77-83% measured first; the first model is freed, so not a leak, cause not pinned down).
+    # Each dtype in a fresh process, as a run has it. (In one process, the dtype measured second
+    # scored slower against its own body in both orders tried once each; the first model is
+    # freed, so not a leak; with this machine's noise, the cause was not pinned down.)
     passed = [f"--{k}={v}" for k, v in (("threads", args.threads), ("items", args.items), ("repeat", args.repeat)) if v]
     for dtype in args.dtypes.split(","):
         cmd = [sys.executable, __file__, f"--one={dtype}", f"--out={args.out}", *passed]
