@@ -50,3 +50,25 @@ def killed_after_first_checkpoint():
             yield
     finally:
         Trainer._save_checkpoint = save
+
+
+def run_on_two_processes(folder, spec: dict):
+    """`taskfit run` of `spec` (written to folder/mp.yaml) under torchrun with 2 CPU processes,
+    output in folder/out; the finished process (its return code checked)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (folder / "mp.yaml").write_text(json.dumps(spec))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*launch, "-m", "taskfit", "run", "mp.yaml", "--out", "out"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.finetune import FAST, PRECISION, killed_after_first_checkpoint, one_thread  # noqa: F401  (autouse fixture)
+from helpers.finetune import FAST, PRECISION, killed_after_first_checkpoint, one_thread, run_on_two_processes  # noqa: F401  (autouse fixture)
 from helpers.tiny import build_tiny_model
 from taskfit.config import ModelConfig, load_experiment
 from taskfit.evaluation.text_metrics import exact_match
@@ -350,10 +350,6 @@ def test_generation_trains_on_every_reference(root, packing):
 def test_packed_generation_under_two_processes_scores_every_dev_answer_once(root, tmp_path):
     """torchrun, 2 CPU processes, packing, two references per example: the dev metric gets every
     dev answer once and in order (packed eval batches padded across processes did not)."""
-    import os
-    import subprocess
-    import sys
-
     rows = [{"id": f"r{i}", "word": WORDS[i % 8], "copy": [WORDS[i % 8], WORDS[i % 8].upper()]} for i in range(27)]
     _write(tmp_path / "train.jsonl", rows)
     finetune = {**SETTINGS["lora"], "epochs": 2, "batch_size": 3, "packing": True, "template": GEN_TEMPLATE}
@@ -369,17 +365,7 @@ def test_packed_generation_under_two_processes_scores_every_dev_answer_once(root
         "models": [{"name": str(root / "decoder"), "dtype": "float32"}],
         "runs": {"ft": {"finetune": finetune}},
     }
-    (tmp_path / "mp.yaml").write_text(json.dumps(spec))
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    done = subprocess.run(
-        [*launch, "-m", "taskfit", "run", "mp.yaml", "--out", "out"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_on_two_processes(tmp_path, spec)
     info = json.loads((tmp_path / "out" / "ft" / "manifest.json").read_text())["finetune"]
     assert info["packing"] is True and info["dev_pairs"] == 2 * info["dev_examples"] == 14
     assert info["evaluations"] and all(0 <= e["token_accuracy"] <= 1 for e in info["evaluations"])

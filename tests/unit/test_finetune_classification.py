@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.finetune import PRECISION, SETTINGS, killed_after_first_checkpoint, one_thread  # noqa: F401  (autouse fixture)
+from helpers.finetune import PRECISION, SETTINGS, killed_after_first_checkpoint, one_thread, run_on_two_processes  # noqa: F401  (autouse fixture)
 from helpers.tiny import build_tiny_model
 from helpers.tiny_encoder import build_tiny_encoder, build_tiny_xlnet
 from taskfit.config import ModelConfig, TaskConfig, load_experiment
@@ -320,10 +320,6 @@ def test_a_merge_that_changes_the_logits_stops_the_run(root, monkeypatch):
 def test_a_two_process_launch_trains_together_and_writes_once(root, tmp_path):
     """Under torchrun (as under `accelerate launch`), both processes train; the main one alone
     scores the prompted run, writes the files and prints the table."""
-    import os
-    import subprocess
-    import sys
-
     spec = {
         "name": "mp",
         "task": {
@@ -340,17 +336,7 @@ def test_a_two_process_launch_trains_together_and_writes_once(root, tmp_path):
             },
         },
     }
-    (tmp_path / "mp.yaml").write_text(json.dumps(spec))
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    done = subprocess.run(
-        [*launch, "-m", "taskfit", "run", "mp.yaml", "--out", "out"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_on_two_processes(tmp_path, spec)
     assert done.stdout.count("Results written to") == 1
     out = tmp_path / "out"
     for name in ("ft", "zs"):
