@@ -276,7 +276,7 @@ def test_shared_prefix_is_computed_once_across_calls_per_autocast_state(tiny_fol
     groups = [Group(*lm._encode_pair(r.context, r.continuation)) for r in reqs]
     groups = [Group(g.context, [g.continuations]) for g in groups]
     prefix = shared_prefix_length(groups)
-    assert prefix >= len(lm._encode(DEMOS))
+    assert prefix >= len(lm.tokenizer(DEMOS, add_special_tokens=False).input_ids)
 
     def computed(scorer, part, bf16=False):
         before = scorer.tokens
@@ -296,13 +296,16 @@ def test_shared_prefix_is_computed_once_across_calls_per_autocast_state(tiny_fol
 def test_requests_are_encoded_together_exactly_as_one_by_one(lm):
     """One tokenizer call for all distinct texts gives lm-eval's pair split, request by request."""
 
+    def encode(text: str) -> list[int]:
+        return lm.tokenizer(text, add_special_tokens=False).input_ids
+
     def one_by_one(req: Request) -> tuple[list[int], list[int]]:
         stripped = req.context.rstrip(" ")
         continuation = req.context[len(stripped) :] + req.continuation
         if not stripped:
-            return [lm.tokenizer.bos_token_id], lm._encode(continuation)
-        ctx = lm._encode(stripped)
-        return ctx, lm._encode(stripped + continuation)[len(ctx) :]
+            return [lm.tokenizer.bos_token_id], encode(continuation)
+        ctx = encode(stripped)
+        return ctx, encode(stripped + continuation)[len(ctx) :]
 
     reqs = [*mixed_requests(), Request("", "great"), Request("Answer: ", "great"), Request("Answer:", " great")]
     reqs += reqs[:3]  # repeated requests

@@ -164,20 +164,22 @@ class HFLM:
             groups.append(Group(list(ctx), [list(c) for c in conts]))
         for g in groups:
             self._fit(g)
+        offset = shared_prefix_length(groups)
         with self.precision.autocast(str(self.scorer.device)):
-            results = self.scorer.score(groups)
-        self._recheck_close_calls(groups, results)
+            results = self.scorer.score(groups, offset)
+        self._recheck_close_calls(groups, results, offset)
         return [results[i][j] for i, j in (slot[pair] for pair in pairs)]
 
-    def _recheck_close_calls(self, groups: list[Group], results: list) -> None:
-        """Score again, in float32, the groups that bf16 autocast left with a near-tie at the top."""
+    def _recheck_close_calls(self, groups: list[Group], results: list, offset: int) -> None:
+        """Score again, in float32, the groups that bf16 autocast left with a near-tie at the top,
+        laid out with the call's shared prefix (`offset` tokens) as they were in it."""
         if not self.recheck_margin or self.precision.compute == self.precision.weights:
             return
         close = [i for i, scored in enumerate(results) if _top_gap(scored) < self.recheck_margin]
         if not close:
             return
         with torch.autocast(str(self.scorer.device).split(":")[0], enabled=False):
-            exact = self.scorer.score([groups[i] for i in close], offset=shared_prefix_length(groups))
+            exact = self.scorer.score([groups[i] for i in close], offset)
         for i, scored in zip(close, exact):
             results[i] = scored
         self.rechecked += len(close)
@@ -218,9 +220,6 @@ class HFLM:
             else:
                 out.append((ids[ctx], ids[whole][len(ids[ctx]) :]))
         return out
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def _fit(self, group: Group) -> None:
         """Cut the context from the left so the longest continuation fits the model."""
