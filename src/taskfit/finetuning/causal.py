@@ -262,7 +262,8 @@ def _train(
     """Train; returns the Trainer, its stats, and the packing facts for the manifest.
     `metrics`: the dev metrics from the eval pass (default `answer_metrics`)."""
     tokenizer = prepared.loaded.tokenizer
-    collator, packing = padding_collator(tokenizer), {"packing": False}
+    padded = padding_collator(tokenizer)
+    collator, packing = padded, {"packing": False}
     if job.config.packing:
         leak, scale = packing_leaks(prepared.model, tokenizer, features["train"])
         apart = leak <= common.MERGE_TOLERANCE + common.MERGE_RELATIVE * scale  # the merge check's float32 rule
@@ -287,7 +288,7 @@ def _train(
         metric=METRIC,
         collator=collator,
         preprocess_logits=greedy_hits,
-        trainer_class=functools.partial(training.AnswerLossTrainer, eval_collator=padding_collator(tokenizer)),
+        trainer_class=functools.partial(training.AnswerLossTrainer, eval_collator=padded),
     )
     return trainer, stats, packing
 
