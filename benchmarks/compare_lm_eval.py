@@ -57,7 +57,7 @@ metric_list:
 TASKFIT_EXPERIMENT = """\
 name: {name}
 task: {{type: multiple_choice, data: {{train: train.jsonl, test: test.jsonl}}, choices: choices, label: answer}}
-model: {{name: {model}, dtype: {dtype}}}
+model: {{name: {model}, dtype: {dtype}, device: {device}}}
 runs:
   {run}:
     prompt:
@@ -167,7 +167,7 @@ def run_lm_eval(args, out: Path, job: str, shots: int, n: int, bs: int, env: dic
         "--output_path",
         str(run_dir),
         "--device",
-        "cpu",
+        args.device,
     ]
     timing = timed(cmd, run_dir / "log.txt", env, args, clean=lambda: fresh(run_dir))
     [samples] = glob.glob(str(run_dir / "**" / f"samples_{TASK}_*.jsonl"), recursive=True)
@@ -190,7 +190,7 @@ def run_taskfit(args, out: Path, job: str, shots: int, n: int, dtype: str, env: 
     yaml_path = out / f"taskfit-{name}.yaml"
     yaml_path.write_text(
         TASKFIT_EXPERIMENT.format(
-            name=f"bench-{name}", model=args.taskfit_model, dtype=dtype, run=job, shots=shot_lines
+            name=f"bench-{name}", model=args.taskfit_model, dtype=dtype, device=args.device, run=job, shots=shot_lines
         ),
         encoding="utf-8",
     )
@@ -262,6 +262,7 @@ def main() -> None:
         action="store_true",
         help="also run lm-eval in bfloat16 and compare taskfit's dtype auto with it",
     )
+    ap.add_argument("--device", default="cpu", help="where both tools compute: cpu, or cuda on a machine with a GPU")
     ap.add_argument("--n-test", type=int, default=300)
     ap.add_argument("--repeat", type=int, default=1, help="run each tool this many times and keep the fastest")
     ap.add_argument(
@@ -376,8 +377,8 @@ def main() -> None:
         lines.append("| " + " | ".join(cells + [f"{r['accuracy']:.3f}"]) + " |")
     threads = f"{args.threads} thread(s)" if args.threads else "torch default threads"
     header = (
-        f"model: {args.model} (taskfit: {args.taskfit_model})  \n{os.cpu_count()} CPUs, {threads}. "
-        "Each time is the wall "
+        f"model: {args.model} (taskfit: {args.taskfit_model})  \n"
+        f"{os.cpu_count()} CPUs, {threads}, device {args.device}. Each time is the wall "
         f"time of one whole process (start-up and model loading included), fastest of {args.repeat} quiet run(s). "
         f"Speedup = lm-eval s / taskfit s. 'same prediction' and 'max abs score diff' compare the taskfit run "
         f"with the float32 lm-eval run on the same line, example by example (matched by id). "

@@ -67,7 +67,7 @@ def ours(gen: Generator, texts: list[str], samples: int, new: int) -> int:
 def naive(model, tokenizer, texts: list[str], samples: int, new: int) -> int:
     tokens = 0
     for i, text in enumerate(texts):
-        ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids], device=model.device)
         for j in range(samples):
             torch.manual_seed(1000 * i + j)
             out = model.generate(
@@ -88,7 +88,7 @@ def check_greedy(model, tokenizer, gen: Generator, texts: list[str]) -> bool:
     same = 0
     for text in texts:
         (g,) = gen.run(GenerationRequest(text, max_new_tokens=32))
-        ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids], device=model.device)
         ref = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "auto"], help="model.dtype values")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="alias or folder")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "generation")
     args = parser.parse_args()
     if args.threads:
@@ -131,11 +132,11 @@ def main() -> None:
     print(f"torch threads {torch.get_num_threads()}, cpu count {os.cpu_count()}, load average {os.getloadavg()}")
     results = {}
     for dtype in args.dtypes:
-        precision = pick_precision(dtype, "cpu")  # both sides compute alike: weights and autocast
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=precision.weights).eval()
+        precision = pick_precision(dtype, args.device)  # both sides compute alike: weights and autocast
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=precision.weights).to(args.device).eval()
         gen = Generator(model, tokenizer, _max_length(model, tokenizer))
         print(f"\n[{dtype}: {precision.name}]")
-        with torch.no_grad(), precision.autocast("cpu"):
+        with torch.no_grad(), precision.autocast(args.device):
             same = check_greedy(model, tokenizer, gen, texts[:3])
             ours(gen, texts[:1], 2, 4)  # warm-up
             t_ours, s_ours = timed(ours, gen, texts, args.samples, args.new_tokens)
@@ -153,6 +154,7 @@ def main() -> None:
             "prompts": len(texts),
             "samples": args.samples,
             "new_tokens": args.new_tokens,
+            "device": args.device,
         }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))

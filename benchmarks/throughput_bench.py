@@ -57,11 +57,14 @@ def body_throughput(lm, batch: int = 32, length: int = 48, repeats: int = 5) -> 
     body = lm.model.base_model
     ids = torch.randint(100, 1000, (batch, length), generator=torch.Generator().manual_seed(0))
     best = float("inf")
+    sync = torch.cuda.synchronize if lm.scorer.device.type == "cuda" else lambda: None  # GPU work is queued
     with torch.no_grad(), lm.precision.autocast(str(lm.scorer.device)):  # as taskfit computes
         body(input_ids=ids.to(lm.scorer.device))
         for _ in range(repeats):
+            sync()
             start = time.perf_counter()
             body(input_ids=ids.to(lm.scorer.device))
+            sync()
             best = min(best, time.perf_counter() - start)
     return batch * length / best
 
