@@ -8,7 +8,7 @@ import torch
 from helpers.tiny import build_tiny_model
 from taskfit.config import ModelConfig
 from taskfit.models.base import Request
-from taskfit.models.hf import HFLM
+from taskfit.models.hf import HFLM, encode_pairs
 from taskfit.models.scoring import MIN_SHARED_PREFIX, Group, build_row, shared_prefix_length, tree_mask
 
 DEMOS = "Question: What does the fox do? Answer: it jumps over the lazy dog.\n\n" * 3
@@ -299,14 +299,20 @@ def test_requests_are_encoded_together_exactly_as_one_by_one(lm):
     def encode(text: str) -> list[int]:
         return lm.tokenizer(text, add_special_tokens=False).input_ids
 
-    def one_by_one(req: Request) -> tuple[list[int], list[int]]:
+    def one_by_one(req: Request, joint: bool = True) -> tuple[list[int], list[int]]:
         stripped = req.context.rstrip(" ")
         continuation = req.context[len(stripped) :] + req.continuation
         if not stripped:
             return [lm.tokenizer.bos_token_id], encode(continuation)
         ctx = encode(stripped)
-        return ctx, encode(stripped + continuation)[len(ctx) :]
+        return ctx, encode(stripped + continuation)[len(ctx) :] if joint else encode(continuation)
 
     reqs = [*mixed_requests(), Request("", "great"), Request("Answer: ", "great"), Request("Answer:", " great")]
+    reqs += [Request("Answer: the la", "zy dog")]  # a word cut in two: the two splits differ
     reqs += reqs[:3]  # repeated requests
     assert lm._encode_pairs(reqs) == [one_by_one(r) for r in reqs]
+    # Fine-tuning's generation recipe encodes each answer alone (as greedy decoding emits it).
+    apart = encode_pairs(lm.tokenizer, [(r.context, r.continuation) for r in reqs], joint=False)
+    assert apart == [one_by_one(r, joint=False) for r in reqs]
+    cut = reqs.index(Request("Answer: the la", "zy dog"))
+    assert apart[cut][1] != lm._encode_pairs(reqs)[cut][1]

@@ -4,7 +4,7 @@ classification recipe (setup → train → evaluate → save).
 Both train on `prompt + answer` with the loss on the answer tokens only (labels -100 on the
 prompt). The prompt is `finetune.template` rendered with the example, as in prompting, so a
 fine-tuned model reads what a prompted one would. Pairs are tokenized as the scorer
-(`HFLM._encode_pair`, after lm-evaluation-harness) does: trailing spaces of the prompt move
+(`taskfit.models.hf.encode_pairs`, after lm-evaluation-harness) does: trailing spaces of the prompt move
 into the answer, and no special tokens are added; so training, generation and scoring agree.
 
 Dev metric (both recipes): `token_accuracy`, the share of answer tokens that are the greedy
@@ -30,6 +30,7 @@ import torch
 
 from taskfit.data import Example
 from taskfit.finetuning import FinetuneJob, FinetuneResult, common, training
+from taskfit.models.hf import encode_pairs
 from taskfit.prompting.template import Rendered, Template
 
 log = logging.getLogger(__name__)
@@ -167,28 +168,12 @@ def input_text(task: Any, example: Example) -> str:
     return "\n".join(v for k, v in example.fields.items() if k not in skip and isinstance(v, str))
 
 
-def encode_pair(tokenizer: Any, context: str, continuation: str, joint: bool = True) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as `HFLM._encode_pair` makes them; `joint=False` encodes the
-    continuation on its own (what greedy decoding emits after the context, token by token)."""
-    stripped = context.rstrip(" ")
-    continuation = context[len(stripped) :] + continuation
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False).input_ids
-
-    if not stripped:
-        bos = tokenizer.bos_token_id
-        return [tokenizer.eos_token_id if bos is None else bos], encode(continuation)
-    ctx = encode(stripped)
-    return ctx, (encode(stripped + continuation)[len(ctx) :] if joint else encode(continuation))
-
-
 def encode_all(tokenizer, pairs: list[Pair], max_length: int, eos: bool = False, joint: bool = True):
-    """Features with labels -100 on the prompt; over-long ones lose prompt tokens from the left
-    (then answer tokens from the right). Returns the features and how many were cut."""
+    """Features with labels -100 on the prompt (pairs encoded as `encode_pairs` does; `joint=False`
+    encodes each answer on its own); over-long ones lose prompt tokens from the left (then answer
+    tokens from the right). Returns the features and how many were cut."""
     features, cut = [], 0
-    for p in pairs:
-        ctx, cont = encode_pair(tokenizer, p.prompt, p.answer, joint)
+    for ctx, cont in encode_pairs(tokenizer, [(p.prompt, p.answer) for p in pairs], joint):
         cont = cont + [tokenizer.eos_token_id] if eos else cont
         excess = len(ctx) + len(cont) - max_length
         if excess > 0:
@@ -364,7 +349,7 @@ def _generate(job, prompter: Prompter, model, tokenizer, max_length: int, max_ne
     for ex in job.test:
         ctx = prompter.context(ex)
         stop = ("\n",) if ctx.after.startswith("\n") else ()
-        # The trailing spaces of the prompt were trained as part of the answer (see `encode_pair`).
+        # The trailing spaces of the prompt were trained as part of the answer (see `encode_pairs`).
         request = GenerationRequest(ctx.before.rstrip(" "), max_new_tokens=max_new, stop=stop, seed=job.seed)
         with training.autocast(job.model):  # as trained and evaluated on dev
             text = generator.generate([request])[0][0]

@@ -196,30 +196,7 @@ class HFLM:
         return self._encode_pairs([Request(context, continuation)])[0]
 
     def _encode_pairs(self, requests: list[Request]) -> list[tuple[list[int], list[int]]]:
-        """(context ids, continuation ids) per request. As lm-evaluation-harness does: trailing
-        spaces of the context move into the continuation; the pair is tokenized as one string
-        and split at the context's length. Every distinct text is encoded once, all in one call."""
-        texts: dict[str, int] = {}
-        plans = []
-        for req in requests:
-            stripped = req.context.rstrip(" ")
-            continuation = req.context[len(stripped) :] + req.continuation
-            if not stripped:
-                plans.append((None, texts.setdefault(continuation, len(texts))))
-            else:
-                plans.append(
-                    (texts.setdefault(stripped, len(texts)), texts.setdefault(stripped + continuation, len(texts)))
-                )
-        ids = self.tokenizer(list(texts), add_special_tokens=False).input_ids if texts else []
-        start = self.tokenizer.bos_token_id
-        start = self.tokenizer.eos_token_id if start is None else start
-        out = []
-        for ctx, whole in plans:
-            if ctx is None:  # no context: the continuation follows the start token
-                out.append(([start], ids[whole]))
-            else:
-                out.append((ids[ctx], ids[whole][len(ids[ctx]) :]))
-        return out
+        return encode_pairs(self.tokenizer, [(r.context, r.continuation) for r in requests])
 
     def _fit(self, group: Group) -> None:
         """Cut the context from the left so the longest continuation fits the model."""
@@ -232,6 +209,34 @@ class HFLM:
                 )
             group.context = group.context[excess:]
             self.truncated += 1
+
+
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], joint: bool = True) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) per (context, continuation) pair, as lm-evaluation-harness
+    makes them: trailing spaces of the context move into the continuation, no special tokens are
+    added, and an empty context becomes the start token (BOS, else EOS). The continuation's ids are
+    those of context + continuation tokenized as one string, after the context's (`joint`), or those
+    of the continuation tokenized alone (`joint=False`: what greedy decoding emits after the
+    context). Scoring and fine-tuning both encode through here, so they agree. Every distinct text
+    is encoded once, all in one call."""
+    texts: dict[str, int] = {}
+    plans = []
+    for context, continuation in pairs:
+        stripped = context.rstrip(" ")
+        continuation = context[len(stripped) :] + continuation
+        ctx = texts.setdefault(stripped, len(texts)) if stripped else None
+        whole = stripped + continuation if joint and stripped else continuation
+        plans.append((ctx, texts.setdefault(whole, len(texts))))
+    ids = tokenizer(list(texts), add_special_tokens=False).input_ids if texts else []
+    start = tokenizer.bos_token_id
+    start = tokenizer.eos_token_id if start is None else start
+    out = []
+    for ctx, cont in plans:
+        if ctx is None:  # no context: the continuation follows the start token
+            out.append(([start], ids[cont]))
+        else:
+            out.append((ids[ctx], ids[cont][len(ids[ctx]) :] if joint else ids[cont]))
+    return out
 
 
 def _max_length(model, tokenizer) -> int:
