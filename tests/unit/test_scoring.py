@@ -114,9 +114,17 @@ def test_tree_mask_hides_sibling_continuations():
     # context 3 tokens, then cont 0 feeds 2 tokens, cont 1 feeds 1 token (last tokens are only targets)
     assert row.owner == [-1, -1, -1, 0, 0, 1]
     assert row.positions == [0, 1, 2, 3, 4, 3]
-    mask = tree_mask(torch.tensor(row.owner))
+    mask = tree_mask(torch.tensor([row.owner]), torch.tensor([6]))[0]
     assert mask[5, :3].all() and not mask[5, 3:5].any() and mask[5, 5]
     assert mask[4, 3] and not mask[3, 4]
+    # In a batch, a shorter row keeps its own mask and never sees its padding; each padding
+    # query sees exactly one key (so it stays finite).
+    short = build_row(1, Group([5, 6], [[1, 2]]), offset=0)  # 3 tokens
+    padded = short.owner + [-2] * 3
+    batch = tree_mask(torch.tensor([row.owner, padded]), torch.tensor([6, 3]))
+    assert torch.equal(batch[0], mask)
+    assert torch.equal(batch[1, :3, :3], tree_mask(torch.tensor([short.owner]), torch.tensor([3]))[0])
+    assert not batch[1, :3, 3:].any() and batch[1, 3:].sum(-1).tolist() == [1, 1, 1]
     # targets: cont 0 token 1 predicted at the last context position, then at its own tokens
     assert row.targets[:3] == [(0, 2, 1), (0, 3, 2), (0, 4, 3)]
     assert row.targets[3:] == [(1, 2, 4), (1, 5, 5)]

@@ -22,6 +22,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from taskfit.errors import TaskfitError
@@ -73,12 +74,19 @@ def build_row(index: int, group: Group, offset: int) -> _Row:
     return _Row(index, tokens, positions, owner, targets)
 
 
-def tree_mask(owner: torch.Tensor) -> torch.Tensor:
-    """(T, T) boolean: query q may see key k when k <= q and k is context or in q's continuation."""
-    t = owner.shape[0]
+def tree_mask(owner: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, T, T) boolean for a batch of rows, `owner` (B, T) padded past each row's length: a
+    query q of a row may see key k of that row when k <= q and k is context or in q's
+    continuation. A padding query sees one key (the one `length` places before it), so that it
+    stays finite; what it computes is never read."""
+    t = owner.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool).tril()
-    same = (owner[None, :] == -1) | (owner[None, :] == owner[:, None])
-    return causal & same
+    same = (owner[:, None, :] == -1) | (owner[:, None, :] == owner[:, :, None])
+    q = torch.arange(t)
+    real = q[None, :] < lengths[:, None]  # (B, T)
+    mask = causal & same & real[:, None, :] & real[:, :, None]
+    padding = ~real[:, :, None] & (q[None, None, :] == q[None, :, None] - lengths[:, None, None])
+    return mask | padding
 
 
 HEAD_ROWS = 128
@@ -205,20 +213,22 @@ class TreeScorer:
         b, t = len(batch), max(len(r.tokens) for r in batch)
         self.tokens += sum(len(r.tokens) for r in batch)
         self.padded_tokens += b * t
-        ids = torch.zeros(b, t, dtype=torch.long)
-        pos = torch.zeros(b, t, dtype=torch.long)
-        allowed = torch.zeros(b, t, offset + t, dtype=torch.bool)
-        allowed[:, :, :offset] = True
+        # Laid out in numpy, one row at a time, then turned into tensors at once (per-row torch
+        # calls cost more than the rows of a small model).
+        ids = np.zeros((b, t), dtype=np.int64)
+        pos = np.zeros((b, t), dtype=np.int64)
+        owner = np.full((b, t), -2, dtype=np.int64)  # -2: padding
         for i, row in enumerate(batch):
             n = len(row.tokens)
-            ids[i, :n] = torch.tensor(row.tokens)
-            pos[i, :n] = torch.tensor(row.positions)
-            allowed[i, :n, offset : offset + n] = tree_mask(torch.tensor(row.owner))
-            allowed[i, n:, offset:].fill_diagonal_(True)  # padding sees itself: no NaN, ignored anyway
-            pos[i, n:] = pos[i, n - 1] if n else offset
+            ids[i, :n], pos[i, :n], owner[i, :n] = row.tokens, row.positions, row.owner
+            pos[i, n:] = row.positions[-1] if n else offset
+        lengths = torch.tensor([len(r.tokens) for r in batch])
+        allowed = torch.ones(b, t, offset + t, dtype=torch.bool)  # every query sees the shared prefix
+        allowed[:, :, offset:] = tree_mask(torch.from_numpy(owner), lengths)
         dtype = self.head.weight.dtype
         mask = torch.zeros(b, 1, t, offset + t, dtype=dtype)
         mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+        ids, pos = torch.from_numpy(ids), torch.from_numpy(pos)
         kwargs = {}
         if prefix_kv is not None:
             kwargs[self._cache_kw] = _expanded(prefix_kv, b)
