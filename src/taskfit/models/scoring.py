@@ -210,21 +210,20 @@ class TreeScorer:
 
     def _score_batch(self, batch: list[_Row], offset: int, prefix_kv) -> torch.Tensor:
         """The body's last hidden states (B, T, d) of a batch of rows."""
-        b, t = len(batch), max(len(r.tokens) for r in batch)
-        self.tokens += sum(len(r.tokens) for r in batch)
+        lengths = [len(r.tokens) for r in batch]
+        b, t = len(batch), max(lengths)
+        self.tokens += sum(lengths)
         self.padded_tokens += b * t
         # Laid out in numpy, one row at a time, then turned into tensors at once (per-row torch
         # calls cost more than the rows of a small model).
         ids = np.zeros((b, t), dtype=np.int64)
         pos = np.zeros((b, t), dtype=np.int64)
         owner = np.full((b, t), -2, dtype=np.int64)  # -2: padding
-        for i, row in enumerate(batch):
-            n = len(row.tokens)
+        for i, (row, n) in enumerate(zip(batch, lengths)):
             ids[i, :n], pos[i, :n], owner[i, :n] = row.tokens, row.positions, row.owner
             pos[i, n:] = row.positions[-1] if n else offset
-        lengths = torch.tensor([len(r.tokens) for r in batch])
         allowed = torch.ones(b, t, offset + t, dtype=torch.bool)  # every query sees the shared prefix
-        allowed[:, :, offset:] = tree_mask(torch.from_numpy(owner), lengths)
+        allowed[:, :, offset:] = tree_mask(torch.from_numpy(owner), torch.tensor(lengths))
         dtype = self.head.weight.dtype
         mask = torch.zeros(b, 1, t, offset + t, dtype=dtype)
         mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
