@@ -75,10 +75,16 @@ def generation_rows(out: Path) -> list[list[str]]:
     if data is None:
         return [["50 prompts x 8 samples, 64 new tokens", "one `generate` per sample", ">= 4x", "missing", ""]]
     rows = []
-    for dtype, r in data.items():
-        what = f"{r['prompts']} prompts x {r['samples']} samples, {r['new_tokens']} new tokens, dtype {dtype}"
+    for key, r in data.items():
+        dtype, _, job = key.partition("/")
         measured = f"{r['ratio']:.1f}x ({r['taskfit_tokens_per_s']:.0f} vs {r['hf_tokens_per_s']:.0f} tokens/s)"
-        rows.append([what, "one `generate` per sample", ">= 4x tokens/s", measured, verdict(r["ratio"] >= 4)])
+        if job == "greedy":  # no goal in the issue: shown for what slots give a test split
+            what = f"{r['prompts']} prompts, greedy, {r['new_tokens']} new tokens, dtype {dtype}"
+            measured += f", {r['greedy_same']:.0%} same tokens"
+            rows.append([what, "one `generate` per prompt", "-", measured, ""])
+        else:
+            what = f"{r['prompts']} prompts x {r['samples']} samples, {r['new_tokens']} new tokens, dtype {dtype}"
+            rows.append([what, "one `generate` per sample", ">= 4x tokens/s", measured, verdict(r["ratio"] >= 4)])
     return rows
 
 

@@ -7,8 +7,10 @@ import torch
 
 from helpers.tiny import build_tiny_model
 from taskfit.config import ModelConfig
+from taskfit.models import generation
 from taskfit.models.base import GenerationRequest
 from taskfit.models.generation import (
+    SLOTS,
     Detokenizer,
     Generator,
     draw,
@@ -156,21 +158,96 @@ def test_prompt_runs_once_for_all_samples(lm):
     assert all(shape[1] == 1 and shape[0] <= 8 for shape in calls[1:])  # then one token per live sample
 
 
-def test_finished_samples_leave_the_batch(lm):
+def test_finished_rows_free_their_slots(lm):
     (full,) = lm.generator.run(GenerationRequest(PROMPTS[0], max_new_tokens=12))
     stop = lm.tokenizer.decode(full.tokens[:2], skip_special_tokens=True)[-1]
+    early = sampled(PROMPTS[0], seed=2, stop=(stop,))
+    late = GenerationRequest(PROMPTS[3], max_new_tokens=12)
     calls = []
     handle = lm.model.register_forward_hook(
-        lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+        lambda mod, args, kwargs, out: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
     try:
-        gens = lm.generator.run(sampled(PROMPTS[0], seed=2, stop=(stop,)))
+        gens, (alone,) = lm.generator.run_all([early, late])
     finally:
         handle.remove()
-    ended = sum(g.finish == "stop" for g in gens)
-    assert ended >= 1  # a one-character stop string: some samples meet it early
-    assert calls[-1] <= 8 - ended
-    assert calls[1:] == sorted(calls[1:], reverse=True)
+    assert sum(g.finish == "stop" for g in gens) >= 1  # a one-character stop string: some samples meet it early
+    decode_steps = [shape for shape in calls if shape[1] == 1]
+    assert all(shape == (SLOTS, 1) for shape in decode_steps)  # always every slot: the shapes never change
+    # the ninth row (the late request) took the first freed slot: fewer steps than one request after the other
+    assert len(decode_steps) < max(len(g.tokens) for g in gens) + len(alone.tokens)
+    assert alone.tokens == lm.generator.run(late)[0].tokens
+
+
+def recorded_logits(generator: Generator, requests: list[GenerationRequest], monkeypatch) -> dict:
+    """Every logits row that picked a token: (request, sample, step) -> tensor."""
+    seen = {}
+    pick = Generator._pick
+
+    def recording(self, logits, rows, req):
+        for row, row_logits in zip(rows, logits):
+            seen[(req, row.sample, row.steps)] = row_logits.clone()
+        return pick(self, logits, rows, req)
+
+    monkeypatch.setattr(Generator, "_pick", recording)
+    generator.run_all(requests)
+    monkeypatch.setattr(Generator, "_pick", pick)
+    return seen
+
+
+def test_a_rows_logits_do_not_depend_on_what_else_decodes(lm, monkeypatch):
+    # greedy and sampled requests with prompts of different lengths: more rows than slots, so rows
+    # wait, join freed slots at different steps and sit beside different neighbours
+    reqs = [GenerationRequest(p, max_new_tokens=10) for p in PROMPTS]
+    reqs += [sampled(PROMPTS[1], seed=4, samples=3), sampled(PROMPTS[3], seed=5, samples=6)]
+    assert lm.generator.slots and sum(r.samples for r in reqs) > SLOTS
+    together = recorded_logits(lm.generator, reqs, monkeypatch)
+    reordered = recorded_logits(lm.generator, reqs[::-1], monkeypatch)
+    alone = {}
+    for req in reqs:
+        alone.update(recorded_logits(lm.generator, [req], monkeypatch))
+    assert together.keys() == alone.keys() == reordered.keys()
+    for key in together:  # exactly, every step of every row
+        assert torch.equal(together[key], alone[key]) and torch.equal(reordered[key], alone[key]), key
+
+
+@pytest.mark.parametrize("architecture", ["llama", "cohere", "granite", "gemma2"])
+def test_every_architecture_decodes_like_a_full_forward(tmp_path, architecture):
+    folder = build_tiny_model(tmp_path / architecture, architecture=architecture)
+    other = HFLM.load(ModelConfig(name=str(folder), dtype="float32", device="cpu"))
+    # gemma2 has sliding-window layers and soft-capped attention: decoded one request at a time
+    assert other.generator.slots == (architecture != "gemma2")
+    reqs = [GenerationRequest(p, max_new_tokens=12) for p in PROMPTS]
+    for req, (gen,) in zip(reqs, other.generator.run_all(reqs)):
+        assert gen.tokens == reference_greedy(other, req.context, 12)
+
+
+@pytest.mark.parametrize("fails", [True, False])
+def test_attention_outside_the_interface_falls_back_to_one_request_at_a_time(tmp_path, monkeypatch, fails):
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    folder = build_tiny_model(tmp_path / "own")
+    other = HFLM.load(ModelConfig(name=str(folder), dtype="float32", device="cpu"))
+    reqs = [GenerationRequest(p, max_new_tokens=8) for p in PROMPTS]
+    expected = other.generate(reqs)
+
+    def own_attention(module, query, key, value, attention_mask, **kwargs):
+        """Attention that knows nothing of the slots, as a model with its own would: the slot
+        layout makes it fail, or, where shapes happen to fit, compute something else."""
+        if fails:
+            return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
+
+    monkeypatch.setattr(generation, "_register_row_attention", lambda: None)
+    AttentionInterface.register(generation.ROW_ATTENTION, own_attention)
+    try:
+        fresh = Generator(other.model, other.tokenizer, other.max_length)
+        assert fresh.slots
+        assert fresh.generate(reqs) == expected
+        assert not fresh.slots  # found out at the first step; the rest went one request at a time
+    finally:
+        AttentionInterface.register(generation.ROW_ATTENTION, generation._row_attention)
 
 
 def test_long_prompt_is_cut_from_the_left(tmp_path):
@@ -237,3 +314,16 @@ def test_draw_follows_the_probabilities():
     counts = torch.bincount(draw(probs, rngs), minlength=4).tolist()
     assert counts[1] == 0
     assert all(abs(c / 4000 - p) < 0.03 for c, p in zip(counts, [0.5, 0.0, 0.3, 0.2]))
+
+
+def test_attention_arguments_the_rows_leave_out_fall_back(tmp_path, monkeypatch):
+    # gemma2's layers hand their attention a sliding window and a soft cap; were the config check
+    # to miss them, the first step finds out and the call decodes one request at a time
+    folder = build_tiny_model(tmp_path / "gemma2", architecture="gemma2")
+    monkeypatch.setattr(generation, "slots_usable", lambda model: True)
+    other = HFLM.load(ModelConfig(name=str(folder), dtype="float32", device="cpu"))
+    assert other.generator.slots
+    reqs = [GenerationRequest(p, max_new_tokens=8) for p in PROMPTS]
+    for req, (gen,) in zip(reqs, other.generator.run_all(reqs)):
+        assert gen.tokens == reference_greedy(other, req.context, 8)
+    assert not other.generator.slots and other.truncated == 0

@@ -345,25 +345,30 @@ def _generate(job, prompter: Prompter, model, tokenizer, max_length: int, max_ne
 
     model.eval()
     generator = Generator(model, tokenizer, max_length)
-    rows = []
-    for ex in job.test:
-        ctx = prompter.context(ex)
-        stop = ("\n",) if ctx.after.startswith("\n") else ()
+    contexts = [prompter.context(ex) for ex in job.test]
+    requests = [
         # The trailing spaces of the prompt were trained as part of the answer (see `encode_pairs`).
-        request = GenerationRequest(ctx.before.rstrip(" "), max_new_tokens=max_new, stop=stop, seed=job.seed)
-        with training.autocast(job.model):  # as trained and evaluated on dev
-            text = generator.generate([request])[0][0]
-        rows.append(
-            {
-                "id": ex.id,
-                "label": ex.gold_text,
-                "references": list(ex.options),
-                "prediction": text.strip(),
-                "generations": [text],
-                "prompt": ctx.before,
-            }
+        GenerationRequest(
+            ctx.before.rstrip(" "),
+            max_new_tokens=max_new,
+            stop=("\n",) if ctx.after.startswith("\n") else (),
+            seed=job.seed,
         )
-    return rows
+        for ctx in contexts
+    ]
+    with training.autocast(job.model):  # as trained and evaluated on dev
+        texts = [samples[0] for samples in generator.generate(requests)]  # decoded together, each as if alone
+    return [
+        {
+            "id": ex.id,
+            "label": ex.gold_text,
+            "references": list(ex.options),
+            "prediction": text.strip(),
+            "generations": [text],
+            "prompt": ctx.before,
+        }
+        for ex, ctx, text in zip(job.test, contexts, texts)
+    ]
 
 
 def mc_rows(examples: list[Example], contexts: list[Rendered], lm: Any) -> list[dict]:
