@@ -107,8 +107,8 @@ def test_untrained_model_does_not_copy(root):
     job = make_job(root, "untrained", "generation", **SETTINGS["lora"])
     tokenizer = AutoTokenizer.from_pretrained(root / "decoder")
     model = AutoModelForCausalLM.from_pretrained(root / "decoder")
-    rows = causal._generate(job, causal.Prompter(job, tokenizer), model, tokenizer, 256, 8)
-    assert _exact(rows) <= 0.25
+    rows, shares = causal._generate(job, causal.Prompter(job, tokenizer), model, tokenizer, 256, 8)
+    assert _exact(rows) <= 0.25 and shares == [len(rows)]  # one process predicted all
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -368,4 +368,10 @@ def test_packed_generation_under_two_processes_scores_every_dev_answer_once(root
     run_on_two_processes(tmp_path, spec)
     info = json.loads((tmp_path / "out" / "ft" / "manifest.json").read_text())["finetune"]
     assert info["packing"] is True and info["dev_pairs"] == 2 * info["dev_examples"] == 14
+    # the test split's greedy predictions were shared by the processes and came back in order
+    test = [json.loads(line) for line in (root / "gen-test.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "ft" / "predictions.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in rows] == [ex["id"] for ex in test]
+    shares = info["test_examples_per_process"]
+    assert len(shares) == 2 and sum(shares) == len(test) and min(shares) == len(test) // 2
     assert info["evaluations"] and all(0 <= e["token_accuracy"] <= 1 for e in info["evaluations"])

@@ -339,9 +339,12 @@ def test_a_two_process_launch_trains_together_and_writes_once(root, tmp_path):
     done = run_on_two_processes(tmp_path, spec)
     assert done.stdout.count("Results written to") == 1
     out = tmp_path / "out"
+    test_ids = [json.loads(line)["id"] for line in (root / "test.jsonl").read_text().splitlines()]
     for name in ("ft", "zs"):
         rows = [json.loads(line) for line in (out / name / "predictions.jsonl").read_text().splitlines()]
-        assert len(rows) == 16
+        assert [row["id"] for row in rows] == test_ids and len(rows) == 16
         assert json.loads((out / name / "manifest.json").read_text())["examples"] == 16
+    # the fine-tuned model's test predictions were shared: each process predicted half, in order
+    assert json.loads((out / "ft" / "manifest.json").read_text())["finetune"]["test_examples_per_process"] == [8, 8]
     assert set(json.loads((out / "results.json").read_text())) == {"ft", "zs"}
     assert not [p for p in out.rglob(".*") if p.is_file()]  # no partial or temporary file left behind

@@ -75,9 +75,9 @@ def generation(job: FinetuneJob) -> FinetuneResult:
         job, trainer, prepared, features["dev"] + features["train"], padding_collator(tokenizer)
     )
     longest = max(sum(1 for x in f["labels"] if x != -100) for f in features["train"])
-    rows = _generate(job, prompter, final, tokenizer, prepared.max_length, longest + MARGIN_TOKENS)
+    rows, shares = _generate(job, prompter, final, tokenizer, prepared.max_length, longest + MARGIN_TOKENS)
     # save
-    info = {**_info(job, trainer, prepared, stats, final, merge_diff, truncated, masked), **packing}
+    info = {**_info(job, trainer, prepared, stats, final, merge_diff, shares, truncated, masked), **packing}
     info.update(
         train_pairs=len(pairs["train"]),
         dev_pairs=len(pairs["dev"]),
@@ -108,8 +108,12 @@ def multiple_choice(job: FinetuneJob) -> FinetuneResult:
     )
     device = "cpu" if training.uses_cpu(job.model.device) else "cuda"
     lm = HFLM(final, tokenizer, prepared.loaded.identity, precision=pick_precision(job.model.dtype, device))
-    rows = mc_rows(job.test, [prompter.context(ex) for ex in job.test], lm)
-    info = {**_info(job, trainer, prepared, stats, final, merge_diff, truncated, masked), **packing}
+    rows, shares = training.across_processes(
+        list(zip(job.test, [prompter.context(ex) for ex in job.test])),
+        lambda share: mc_rows([ex for ex, _ in share], [ctx for _, ctx in share], lm),
+        job.model.device,
+    )
+    info = {**_info(job, trainer, prepared, stats, final, merge_diff, shares, truncated, masked), **packing}
     info.update(model_folder=str(common.save(job, trainer, final, tokenizer)))
     return FinetuneResult(rows=rows, info=info)
 
@@ -339,36 +343,42 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 
-def _generate(job, prompter: Prompter, model, tokenizer, max_length: int, max_new: int) -> list[dict]:
+def _generate(job, prompter: Prompter, model, tokenizer, max_length: int, max_new: int) -> tuple[list[dict], list]:
+    """Greedy predictions of the test split (shared by the processes of a multi-process launch),
+    and how many examples each process predicted."""
     from taskfit.models.base import GenerationRequest
     from taskfit.models.generation import Generator
 
     model.eval()
     generator = Generator(model, tokenizer, max_length)
-    contexts = [prompter.context(ex) for ex in job.test]
-    requests = [
-        # The trailing spaces of the prompt were trained as part of the answer (see `encode_pairs`).
-        GenerationRequest(
-            ctx.before.rstrip(" "),
-            max_new_tokens=max_new,
-            stop=("\n",) if ctx.after.startswith("\n") else (),
-            seed=job.seed,
-        )
-        for ctx in contexts
-    ]
-    with training.autocast(job.model):  # as trained and evaluated on dev
-        texts = [samples[0] for samples in generator.generate(requests)]  # decoded together, each as if alone
-    return [
-        {
-            "id": ex.id,
-            "label": ex.gold_text,
-            "references": list(ex.options),
-            "prediction": text.strip(),
-            "generations": [text],
-            "prompt": ctx.before,
-        }
-        for ex, ctx, text in zip(job.test, contexts, texts)
-    ]
+
+    def predict(examples: list[Example]) -> list[dict]:
+        contexts = [prompter.context(ex) for ex in examples]
+        requests = [
+            # The trailing spaces of the prompt were trained as part of the answer (see `encode_pairs`).
+            GenerationRequest(
+                ctx.before.rstrip(" "),
+                max_new_tokens=max_new,
+                stop=("\n",) if ctx.after.startswith("\n") else (),
+                seed=job.seed,
+            )
+            for ctx in contexts
+        ]
+        with training.autocast(job.model):  # as trained and evaluated on dev
+            texts = [samples[0] for samples in generator.generate(requests)]  # decoded together, each as if alone
+        return [
+            {
+                "id": ex.id,
+                "label": ex.gold_text,
+                "references": list(ex.options),
+                "prediction": text.strip(),
+                "generations": [text],
+                "prompt": ctx.before,
+            }
+            for ex, ctx, text in zip(examples, contexts, texts)
+        ]
+
+    return training.across_processes(job.test, predict, job.model.device)
 
 
 def mc_rows(examples: list[Example], contexts: list[Rendered], lm: Any) -> list[dict]:
@@ -388,7 +398,7 @@ def mc_rows(examples: list[Example], contexts: list[Rendered], lm: Any) -> list[
     return rows
 
 
-def _info(job, trainer, prepared, stats, final, merge_diff, truncated: int, masked: str) -> dict:
-    info = common.info(job, trainer, prepared, stats, final, merge_diff)
+def _info(job, trainer, prepared, stats, final, merge_diff, shares: list, truncated: int, masked: str) -> dict:
+    info = common.info(job, trainer, prepared, stats, final, merge_diff, shares)
     info.update(truncated_inputs=truncated, masked_example=masked, dev_metric=f"{METRIC} (teacher-forced, answer only)")
     return info

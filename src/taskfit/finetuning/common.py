@@ -273,6 +273,18 @@ def predict_logits(
     return out
 
 
+def predict_test_logits(job: Any, model: nn.Module, features: list[dict], collator: Any) -> tuple[torch.Tensor, list]:
+    """`predict_logits` of the test features as training computed (autocast), shared by the
+    processes of a multi-process launch; with how many features each process predicted."""
+
+    def predict(share: list[dict]) -> list[torch.Tensor]:
+        logits = predict_logits(model, share, collator, job.config.batch_size, training.mixed_precision(job.model))
+        return [row.clone() for row in logits]  # each row on its own: a view would carry the whole batch along
+
+    rows, shares = training.across_processes(features, predict, job.model.device)
+    return (_concat([row[None] for row in rows]) if rows else torch.empty(0)), shares
+
+
 def _concat(chunks: list[torch.Tensor]) -> torch.Tensor:
     """Batches of logits along dim 0, zero-padded on dim 1 where batches differ in length there."""
     if len({c.shape[1:] for c in chunks}) == 1:
@@ -344,8 +356,11 @@ def save(job: Any, trainer: Any, model: nn.Module, tokenizer: Any) -> Path:
     return folder
 
 
-def info(job: Any, trainer: Any, prepared: Prepared, stats: training.TrainStats, final: nn.Module, merge_diff) -> dict:
-    """What the manifest records about a fine-tuning run (cost, schedule, checks)."""
+def info(
+    job: Any, trainer: Any, prepared: Prepared, stats: training.TrainStats, final: nn.Module, merge_diff, shares: list
+) -> dict:
+    """What the manifest records about a fine-tuning run (cost, schedule, checks); `shares`: how
+    many test examples each process predicted."""
     metric = trainer.args.metric_for_best_model
     peak = peak_memory_mb()
     return {
@@ -366,6 +381,7 @@ def info(job: Any, trainer: Any, prepared: Prepared, stats: training.TrainStats,
         "peak_memory_mb": peak["cpu_rss"],  # since the cell started where the OS allows (manifest.peak_memory_mb)
         "peak_gpu_memory_mb": peak.get("gpu_allocated"),
         "merge_max_abs_diff": merge_diff,
+        "test_examples_per_process": shares,
         "dtype": "bfloat16 autocast, float32 weights" if training.mixed_precision(job.model) else "float32",
         "base_model": prepared.loaded.identity,
     }

@@ -61,12 +61,10 @@ def multiple_choice(job: FinetuneJob) -> FinetuneResult:
     # evaluate
     collator = ChoiceCollator(tokenizer)  # the model's own inputs only: test rows read their own options
     final, merge_diff = common.final_model(job, trainer, prepared, features["dev"] + features["test"], collator)
-    logits = common.predict_logits(
-        final, features["test"], collator, job.config.batch_size, training.mixed_precision(job.model)
-    )  # (N, max options)
+    logits, shares = common.predict_test_logits(job, final, features["test"], collator)  # (N, max options)
     rows = _rows(job, logits, contexts["test"])
     # save
-    info = common.info(job, trainer, prepared, stats, final, merge_diff)
+    info = common.info(job, trainer, prepared, stats, final, merge_diff, shares)
     info.update(truncated_inputs=truncated, model_folder=str(common.save(job, trainer, final, tokenizer)))
     return FinetuneResult(rows=rows, info=info)
 

@@ -52,12 +52,10 @@ def classification(job: FinetuneJob) -> FinetuneResult:
     )
     # evaluate
     final, merge_diff = common.final_model(job, trainer, prepared, probe=features["dev"] + features["test"])
-    logits = common.predict_logits(
-        final, features["test"], trainer.data_collator, job.config.batch_size, training.mixed_precision(job.model)
-    )
+    logits, shares = common.predict_test_logits(job, final, features["test"], trainer.data_collator)
     rows = _rows(job, labels, logits, inputs["test"])
     # save
-    info = common.info(job, trainer, prepared, stats, final, merge_diff)
+    info = common.info(job, trainer, prepared, stats, final, merge_diff, shares)
     info.update(truncated_inputs=truncated, model_folder=str(common.save(job, trainer, final, tokenizer)))
     return FinetuneResult(rows=rows, info=info)
 

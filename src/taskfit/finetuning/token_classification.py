@@ -62,12 +62,10 @@ def token_classification(job: FinetuneJob) -> FinetuneResult:
     )  # fmt: skip
     # evaluate
     final, merge_diff = common.final_model(job, trainer, prepared, probe=features["dev"] + features["test"])
-    logits = common.predict_logits(
-        final, features["test"], collator, job.config.batch_size, training.mixed_precision(job.model)
-    )  # (N, L, tags)
+    logits, shares = common.predict_test_logits(job, final, features["test"], collator)  # (N, L, tags)
     rows = _rows(job, tags, scheme, logits, [w for _, w in encoded["test"]])
     # save
-    info = common.info(job, trainer, prepared, stats, final, merge_diff)
+    info = common.info(job, trainer, prepared, stats, final, merge_diff, shares)
     info.update(
         tag_scheme=scheme,
         truncated_inputs=sum(_truncation(encoded[s], splits[s], cfg)[0] for s in splits),

@@ -11,7 +11,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,25 @@ def processes(device: str) -> Any:
     from accelerate import PartialState
 
     return PartialState(cpu=uses_cpu(device))
+
+
+def across_processes(items: Sequence, predict: Callable[[list], list], device: str) -> tuple[list, list[int]]:
+    """`predict` (a list of results per list of items) over `items`, shared by the processes of a
+    multi-process launch, each predicting every n-th item (they all hold the same final model):
+    every process gets all results back, in input order, and how many each predicted. One
+    process: `predict(items)`."""
+    items, state = list(items), processes(device)  # a lazily read test split becomes a list once
+    n = state.num_processes
+    if n == 1:
+        results = predict(items)
+        return results, [len(results)]
+    from accelerate.utils import gather_object
+
+    parts = gather_object([predict(items[state.process_index :: n])])  # one list per process, in rank order
+    results = [None] * len(items)
+    for rank, part in enumerate(parts):
+        results[rank::n] = part
+    return results, [len(part) for part in parts]
 
 
 def arguments(folder: Path, cfg: FinetuneConfig, seed: int, n_train: int, model: Any, metric: str):
