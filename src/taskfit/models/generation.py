@@ -446,7 +446,7 @@ class Generator:
             raise
         return results
 
-    def _decode(self, tokens: list[int], live: list[int], cache: _SlotCache, check: bool) -> torch.Tensor:
+    def _decode(self, tokens: dict[int, int], live: list[int], cache: _SlotCache, check: bool) -> torch.Tensor:
         """One step for every slot: (SLOTS, V) float32 logits of the next token (free slots: junk)."""
         device = self.device
         cache.reserve(max(cache.lengths) + 1)

@@ -185,7 +185,8 @@ class HFLM:
         self.rechecked += len(close)
 
     def generate(self, requests: list[GenerationRequest]) -> list[list[str]]:
-        """`samples` continuations per request: the prompt runs once, samples decode together."""
+        """`samples` continuations per request: each prompt runs once, and the requests' rows decode
+        together in the generator's slots, each as it would alone."""
         before = self.generator.truncated
         with self.precision.autocast(str(self.scorer.device)):
             outputs = self.generator.generate(requests)
