@@ -257,7 +257,7 @@ class _SlotCache:
     def __init__(self, limit: int):
         self.limit = limit  # the longest any row of the call can grow: prompt + max_new_tokens
         self.capacity = 0
-        self.keys: list[torch.Tensor] = []  # allocated at the first `insert`, in the prefill's dtype
+        self.keys: list[torch.Tensor] = []  # allocated at the first `insert`, in the dtype attention computes in
         self.values: list[torch.Tensor] = []
         self.lengths = [0] * SLOTS
 
