@@ -145,9 +145,9 @@ def test_a_tokens_field_named_text_still_renders_as_the_sentence(tmp_path):
         "name: n\ntask: {type: token_classification, data: {test: test.jsonl}, tokens: text, label: tags}\n"
         'runs: {r: {prompt: {template: "S: {{ text }}\\nE: {{ answer }}"}}}\n'
     )
-    lm = ScriptedLM(lambda ctx: "Bob: PER")
+    lm = ScriptedLM(lambda ctx: " Bob: PER")  # the template's space before the answer: generated, not prompted
     results = taskfit.run(tmp_path / "exp.yaml", out=tmp_path / "out", lm=lm)
-    assert lm.generated[0].context == "S: Bob sings\nE: "
+    assert lm.generated[0].context == "S: Bob sings\nE:"
     assert results["r"]["entity_f1"] == 1.0
 
 
@@ -329,7 +329,7 @@ def test_prompt_run_predicts_tags_and_reports_entity_metrics(ner, tmp_path):
         "Sentence: John Smith lives in Paris .\nEntities: John Smith: PER\nParis: LOC\n\n"
         "Sentence: It rained .\nEntities: none\n\n"
     )
-    assert request.context.endswith("Sentence: Anna visited New York .\nEntities: ")
+    assert request.context.endswith("Sentence: Anna visited New York .\nEntities:")  # the space is generated
     assert request.stop == ("\n\n", "\nSentence:") and request.temperature == 0 and request.samples == 1
 
     rows = [json.loads(line) for line in (tmp_path / "out" / "r" / "predictions.jsonl").read_text().splitlines()]

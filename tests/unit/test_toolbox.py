@@ -139,6 +139,19 @@ def test_failed_extraction_falls_back_to_scoring_and_is_reported(yesno, tmp_path
     assert lm.scored[0].context.endswith("I am not sure. So the answer is ")
 
 
+def test_the_space_before_the_answer_is_generated_not_prompted(yesno, tmp_path):
+    # "A: {{ answer }}": the model continues "A:" and writes " yes" itself (a prompt ending in a
+    # lone space token derails small models); the fallback scores the options after its text
+    lm = ScriptedLM(script=lambda ctx, s, seed: " Unsure.", score=lambda r: -0.5 if r.continuation == "no" else -3.0)
+    results = taskfit.run(
+        yesno('template: "Q: {{ question }}\\nA: {{ answer }}"\nextract: "(yes|no)"'), out=tmp_path / "out", lm=lm
+    )
+    assert all(r.context.endswith("?\nA:") for r in lm.generated)
+    assert lm.scored[0].context.endswith("?\nA: Unsure.") and lm.scored[0].continuation in ("yes", "no")
+    assert results["r"]["extraction_failed"] == 1.0
+    assert [r["prompt"][-3:] for r in rows_of(tmp_path / "out")] == ["A: "] * 3  # the rendered prompt, as written
+
+
 def test_self_consistency_votes_and_reports_agreement(yesno, tmp_path):
     answers = ["yes", "no", "yes", "yes", "no", "yes", "no", "yes"]
     lm = ScriptedLM(script=lambda ctx, s, seed: f" So the answer is {answers[s]}.")

@@ -32,7 +32,7 @@ from taskfit.config import PromptConfig
 from taskfit.data import Example
 from taskfit.errors import TaskfitError
 from taskfit.models.base import LM, GenerationRequest
-from taskfit.prompting.builder import Context, PromptBuilder
+from taskfit.prompting.builder import Context, PromptBuilder, generation_prompt
 from taskfit.prompting.extract import canonical
 from taskfit.tasks import Task
 from taskfit.tasks.token_classification import Span, encode, entity_types, spans, tag_scheme
@@ -179,7 +179,9 @@ class EntityStrategy:
         c = self.cfg
         contexts = [self.context(ex) for ex in examples]
         requests = [
-            GenerationRequest(ctx.text, c.max_new_tokens, c.temperature, c.top_p, c.top_k, self.stop, 1, self.seed)
+            GenerationRequest(
+                generation_prompt(ctx), c.max_new_tokens, c.temperature, c.top_p, c.top_k, self.stop, 1, self.seed
+            )
             for ctx in contexts
         ]
         outputs = lm.generate(requests)

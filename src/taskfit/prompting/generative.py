@@ -16,7 +16,7 @@ from typing import Any
 from taskfit.config import PromptConfig
 from taskfit.data import Example
 from taskfit.models.base import LM, GenerationRequest, Request
-from taskfit.prompting.builder import Context, PromptBuilder
+from taskfit.prompting.builder import Context, PromptBuilder, generation_prompt
 from taskfit.prompting.extract import extract, majority_text, majority_vote, match_option, vote_shares
 from taskfit.prompting.strategy import answer_fields, argmax, softmax
 from taskfit.tasks import Task
@@ -36,7 +36,7 @@ class GenerateStrategy:
     def request(self, ctx: Context) -> GenerationRequest:
         c = self.cfg
         return GenerationRequest(
-            ctx.text, c.max_new_tokens, c.temperature, c.top_p, c.top_k, self.stop, c.samples, self.seed
+            generation_prompt(ctx), c.max_new_tokens, c.temperature, c.top_p, c.top_k, self.stop, c.samples, self.seed
         )
 
     def predict(self, examples: list[Example], lm: LM) -> list[dict[str, Any]]:
@@ -83,7 +83,7 @@ class GenerateStrategy:
         for i, (ex, ctx, texts) in enumerate(zip(examples, contexts, outputs)):
             for s, text in enumerate(texts):
                 if picks[i][s] is None or self.cfg.vote == "mean_prob":
-                    head = ctx.text + text.rstrip() + joiner
+                    head = generation_prompt(ctx) + text.rstrip() + joiner
                     out[i, s] = [
                         [Request(head, a + ctx.rendered.after) for a in strings] for strings in self.builder.options(ex)
                     ]
