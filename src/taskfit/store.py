@@ -78,8 +78,15 @@ def request_key(req: tuple) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+COMPUTATION = 2
+"""How results are computed. Bump it with any change that moves the bits of a score or of a
+generated text (layouts, kernels, decoding): the cache file depends on it, so a run resumed
+after such a change recomputes everything instead of mixing results of two versions.
+(2: generation decodes in slots. Files of earlier versions stay where they were, unread.)"""
+
+
 class ScoreCache:
-    """Results already computed by one model (identity, dtype and device type), in SQLite.
+    """Results already computed by one model (identity, dtype, device type and `COMPUTATION`), in SQLite.
 
     Lookups go to the file, so a run's memory does not grow with the number of requests
     (a dict of 300k keys took ~90 MB); each `add` is one transaction, so a killed run loses
@@ -101,6 +108,7 @@ class ScoreCache:
         if identity.get("recheck_margin"):
             fields["recheck_margin"] = identity["recheck_margin"]
         fields["device"] = str(identity.get("device", "")).split(":")[0]
+        fields["computation"] = COMPUTATION
         key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
         return cls(out / "cache" / f"{key}.sqlite")
 

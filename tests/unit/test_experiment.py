@@ -173,6 +173,21 @@ def test_rerun_uses_the_cache(project, write_yaml, fake_lm):
     assert json.loads((out / "plain" / "manifest.json").read_text())["requests_computed"] == 0
 
 
+def test_a_change_in_how_results_are_computed_starts_a_new_cache(project, write_yaml, fake_lm, monkeypatch):
+    """Results of another `COMPUTATION` are never reused (nor deleted): resuming across such a
+    change would mix two versions' bits."""
+    from taskfit import store
+
+    path, out = write_yaml(TWO_RUNS), project / "out"
+    first = taskfit.run(path, lm=fake_lm(), out=out)
+    old = cache_file(out)
+    monkeypatch.setattr(store, "COMPUTATION", store.COMPUTATION + 1)
+    again = fake_lm()
+    assert taskfit.run(path, lm=again, out=out) == first
+    assert len(again.requests) == 48
+    assert old.is_file() and len(list((out / "cache").glob("*.sqlite"))) == 2
+
+
 def test_resume_after_a_kill_recomputes_only_what_is_missing(project, write_yaml, fake_lm):
     """A run killed mid-way has only its finished chunks in the cache; the rerun computes the rest."""
     import sqlite3
