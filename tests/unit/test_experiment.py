@@ -320,7 +320,7 @@ def test_predictions_stream_to_disk_and_a_failure_keeps_the_old_file(project, fa
     taskfit.run(project / "mc.yaml", lm=fake_lm(), out=out)
     good = (out / "zero" / "predictions.jsonl").read_bytes()
     partial = out / "zero" / ".predictions.jsonl.partial"
-    monkeypatch.setattr(taskfit.cell, "CHUNK", 2)
+    monkeypatch.setattr(taskfit.cell, "SCORE_CHUNK_MAX", 2)
     seen = []
 
     class DiesOnThirdChunk(fake_lm):
@@ -337,6 +337,17 @@ def test_predictions_stream_to_disk_and_a_failure_keeps_the_old_file(project, fa
     assert seen == [0, 2, 4]  # the rows of each finished chunk were on disk before the next one
     assert (out / "zero" / "predictions.jsonl").read_bytes() == good
     assert not partial.exists()
+
+
+def test_scoring_chunks_close_on_the_examples_text():
+    """A scoring strategy's chunk ends before its examples' field text passes the budget or its
+    length the maximum; an example over the budget is a chunk of its own."""
+    from taskfit.cell import _text_chunks
+    from taskfit.data import Example
+
+    examples = [Example(str(i), {"text": "x" * n}, ("a", "b"), 0) for i, n in enumerate([10, 10, 25, 50, 5, 5, 5])]
+    chunks = list(_text_chunks(iter(examples), chars=30, most=2))
+    assert [[ex.id for ex in c] for c in chunks] == [["0", "1"], ["2"], ["3"], ["4", "5"], ["6"]]
 
 
 def test_peak_memory_is_counted_per_cell():
