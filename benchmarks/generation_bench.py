@@ -15,7 +15,9 @@ taskfit gets all requests in one call, as a prompted run hands it a chunk of exa
 Tokens are counted as generated, EOS included; tokens/s is tokens over wall time. The
 greedy job's outputs are compared token for token (`greedy_same`: the fraction of prompts
 whose tokens agree; in float32 all must; in bfloat16 the two compute different matrix
-shapes, batch 1 against `SLOTS` rows, and a near-tie may go either way).
+shapes, batch 1 against `SLOTS` rows, and a near-tie may go either way). For a dtype other
+than float32 the greedy outputs are also compared with taskfit's own float32 ones
+(`float32_same`, and `float32_shared_tokens`: the mean number of leading tokens that agree).
 """
 
 from __future__ import annotations
@@ -91,11 +93,26 @@ def naive(model, tokenizer, texts: list[str], samples: int, new: int) -> int:
     return tokens
 
 
-def greedy_agreement(model, tokenizer, gen: Generator, texts: list[str], new: int) -> float:
-    """Fraction of prompts whose greedy tokens from taskfit (all prompts in one call) equal HF's."""
-    gens = gen.run_all([GenerationRequest(text, max_new_tokens=new) for text in texts])
+def greedy_tokens(gen: Generator, texts: list[str], new: int) -> list[list[int]]:
+    """taskfit's greedy tokens per prompt, all prompts in one call."""
+    return [g.tokens for (g,) in gen.run_all([GenerationRequest(text, max_new_tokens=new) for text in texts])]
+
+
+def float32_agreement(tokens: list[list[int]], reference: list[list[int]]) -> tuple[float, float]:
+    """(fraction of prompts whose tokens equal the reference's, mean number of leading tokens that agree)."""
+    shared = []
+    for a, b in zip(tokens, reference):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        shared.append(n)
+    return sum(a == b for a, b in zip(tokens, reference)) / len(tokens), sum(shared) / len(shared)
+
+
+def greedy_agreement(model, tokenizer, gen: Generator, texts: list[str], new: int) -> tuple[float, list[list[int]]]:
+    """Fraction of prompts whose greedy tokens from taskfit (all prompts in one call) equal HF's,
+    and taskfit's tokens."""
+    ours = greedy_tokens(gen, texts, new)
     same = 0
-    for text, (g,) in zip(texts, gens):
+    for text, tokens in zip(texts, ours):
         ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids], device=model.device)
         mask = torch.ones_like(ids)
         ref = model.generate(
@@ -103,8 +120,8 @@ def greedy_agreement(model, tokenizer, gen: Generator, texts: list[str], new: in
         )
         ref = ref[0, ids.shape[1] :].tolist()
         ref = [t for t in ref if t not in gen.stop_ids]
-        same += ref == g.tokens
-    return same / len(texts)
+        same += ref == tokens
+    return same / len(texts), ours
 
 
 def timed(fn, *args) -> tuple[int, float]:
@@ -134,7 +151,7 @@ def main() -> None:
     texts = prompts(tokenizer, args.prompts)
     print(f"model {path}\n{len(texts)} prompts x {args.samples} samples, {args.new_tokens} new tokens, T=0.7")
     print(f"torch threads {torch.get_num_threads()}, cpu count {os.cpu_count()}, load average {os.getloadavg()}")
-    results = {}
+    results, float32_tokens = {}, None
     for dtype in args.dtypes:
         precision = pick_precision(dtype, args.device)  # both sides compute alike: weights and autocast
         model = AutoModelForCausalLM.from_pretrained(path, dtype=precision.weights).to(args.device).eval()
@@ -160,9 +177,19 @@ def main() -> None:
                     "new_tokens": args.new_tokens,
                     "device": args.device,
                 }
-            same = greedy_agreement(model, tokenizer, gen, texts, args.new_tokens)
+            same, tokens = greedy_agreement(model, tokenizer, gen, texts, args.new_tokens)
             results[f"{dtype}/greedy"]["greedy_same"] = same
             print(f"  greedy tokens equal to HF's for {same:.0%} of the prompts")
+        if precision.compute == torch.float32:
+            float32_tokens = tokens
+            continue
+        if float32_tokens is None:  # taskfit's own float32 greedy outputs, the reference
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device).eval()
+            with torch.no_grad():
+                float32_tokens = greedy_tokens(Generator(model, tokenizer, gen.max_length), texts, args.new_tokens)
+        same, shared = float32_agreement(tokens, float32_tokens)
+        results[f"{dtype}/greedy"].update(float32_same=same, float32_shared_tokens=shared)
+        print(f"  greedy tokens equal to taskfit float32's for {same:.0%} of the prompts ({shared:.1f} leading agree)")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
 

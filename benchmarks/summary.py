@@ -80,7 +80,10 @@ def generation_rows(out: Path) -> list[list[str]]:
         measured = f"{r['ratio']:.1f}x ({r['taskfit_tokens_per_s']:.0f} vs {r['hf_tokens_per_s']:.0f} tokens/s)"
         if job == "greedy":  # no goal in the issue: shown for what slots give a test split
             what = f"{r['prompts']} prompts, greedy, {r['new_tokens']} new tokens, dtype {dtype}"
-            measured += f", {r['greedy_same']:.0%} same tokens"
+            measured += f", {r['greedy_same']:.0%} same tokens as HF"
+            if "float32_same" in r:
+                alike = r["float32_shared_tokens"]
+                measured += f" (as taskfit float32: {r['float32_same']:.0%}, first {alike:.0f} tokens alike)"
             rows.append([what, "one `generate` per prompt", "-", measured, ""])
         else:
             what = f"{r['prompts']} prompts x {r['samples']} samples, {r['new_tokens']} new tokens, dtype {dtype}"
