@@ -211,15 +211,85 @@ def test_a_rows_logits_do_not_depend_on_what_else_decodes(lm, monkeypatch):
         assert torch.equal(together[key], alone[key]) and torch.equal(reordered[key], alone[key]), key
 
 
+DEMOS = "Question: Is the sky blue? Answer: yes\n\nQuestion: Is fire cold? Answer: no\n\nQuestion: "
+FEW_SHOT = [DEMOS + q for q in ("Do fish swim?", "Is ice hot? Think.", "Can a dog fly over the moon at night?")]
+
+
+def forward_lengths(generator: Generator, requests: list[GenerationRequest]) -> list[int]:
+    """The number of tokens each forward pass of a call ran (decode steps: 1)."""
+    calls = []
+    handle = generator.model.register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        generator.run_all(requests)
+    finally:
+        handle.remove()
+    return calls
+
+
+def few_shot(max_new_tokens: int = 10, **kw) -> list[GenerationRequest]:
+    return [GenerationRequest(p, max_new_tokens, shared=len(DEMOS), **kw) for p in FEW_SHOT]
+
+
+def test_a_shared_start_runs_once_per_run(lm):
+    """The demonstrations every request names as shared run once (and not again for the next
+    chunk); each prompt then runs its own tokens. Unnamed, the whole prompt runs."""
+    head = len(lm.tokenizer(DEMOS, add_special_tokens=False).input_ids)
+    prompts = [lm.generator.encode(p, 10) for p in FEW_SHOT]
+    assert head >= 16 and all(p[:head] == prompts[0][:head] for p in prompts)
+    fresh = Generator(lm.model, lm.tokenizer, lm.max_length)
+    reqs = few_shot()
+    assert [n for n in forward_lengths(fresh, reqs) if n > 1] == [head] + [len(p) - head for p in prompts]
+    assert [n for n in forward_lengths(fresh, reqs[:2]) if n > 1] == [len(p) - head for p in prompts[:2]]
+    plain = GenerationRequest(FEW_SHOT[0], 10)
+    assert forward_lengths(fresh, [plain])[0] == len(prompts[0])
+
+
+def test_a_shared_start_keeps_every_row_independent_of_the_call(lm, monkeypatch):
+    """Where a prompt splits is the request's own, so its rows compute the same bits alone,
+    together and in any order; greedy still equals a full forward at every step."""
+    reqs = few_shot() + [sampled(FEW_SHOT[1], seed=3, samples=3)._replace(shared=len(DEMOS))]
+    together = recorded_logits(lm.generator, reqs, monkeypatch)
+    reordered = recorded_logits(lm.generator, reqs[::-1], monkeypatch)
+    alone = {}
+    for req in reqs:
+        alone.update(recorded_logits(lm.generator, [req], monkeypatch))
+    assert together.keys() == alone.keys() == reordered.keys()
+    for key in together:
+        assert torch.equal(together[key], alone[key]) and torch.equal(reordered[key], alone[key]), key
+    for req, (gen,) in zip(reqs, lm.generator.run_all(reqs[:3])):
+        assert gen.tokens == reference_greedy(lm, req.context, 10)
+
+
+def test_a_shared_start_splits_at_the_last_token_both_texts_have(lm, tmp_path):
+    """The split falls after the last token the prompt has in common with its shared start
+    tokenized alone (inside a word: before it); none when that is short, or when the prompt
+    was cut from the left."""
+    g = lm.generator
+    whole = FEW_SHOT[0]
+    ids = g.encode(whole, 10)
+    head = lm.tokenizer(DEMOS, add_special_tokens=False).input_ids
+    assert g._split(GenerationRequest(whole, 10, shared=len(DEMOS)), ids) == len(head)
+    inside = DEMOS.index("cold") + 2  # "...Is fire co"
+    n = g._split(GenerationRequest(whole, 10, shared=inside), ids)
+    part = lm.tokenizer(DEMOS[:inside], add_special_tokens=False).input_ids
+    assert 16 <= n < len(part) and ids[:n] == part[:n] and ids[n] != part[n]
+    assert g._split(GenerationRequest(whole, 10, shared=len("Question: ")), ids) == 0  # under MIN_SHARED_PREFIX
+    short = Generator(lm.model, lm.tokenizer, max_length=len(ids) + 4)
+    cut = short.encode(whole, 10)
+    assert short.truncated == 1 and short._split(GenerationRequest(whole, 10, shared=len(DEMOS)), cut) == 0
+
+
 @pytest.mark.parametrize("architecture", ["llama", "cohere", "granite", "gemma2"])
 def test_every_architecture_decodes_like_a_full_forward(tmp_path, architecture):
     folder = build_tiny_model(tmp_path / architecture, architecture=architecture)
     other = HFLM.load(ModelConfig(name=str(folder), dtype="float32", device="cpu"))
     # gemma2 has sliding-window layers and soft-capped attention: decoded one request at a time
     assert other.generator.slots == (architecture != "gemma2")
-    reqs = [GenerationRequest(p, max_new_tokens=12) for p in PROMPTS]
-    for req, (gen,) in zip(reqs, other.generator.run_all(reqs)):
-        assert gen.tokens == reference_greedy(other, req.context, 12)
+    for reqs in ([GenerationRequest(p, max_new_tokens=12) for p in PROMPTS], few_shot(12)):  # 2nd: shared start
+        for req, (gen,) in zip(reqs, other.generator.run_all(reqs)):
+            assert gen.tokens == reference_greedy(other, req.context, 12)
 
 
 @pytest.mark.parametrize("fails", [True, False])

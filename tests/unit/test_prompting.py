@@ -366,6 +366,23 @@ def test_chat_wraps_the_prompt_as_a_user_turn(write_yaml, fake_lm):
     assert [r.continuation for [r] in q.requests] == ["sad", "excited", "proud"]
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_fixed_demos_are_the_shared_start_of_every_context(write_yaml, fake_lm, chat):
+    """A context's `shared` start (what generation computes once per run) runs through the fixed
+    demonstrations, after the chat header; it is the same text for every example."""
+    from taskfit.prompting.builder import shared_start
+
+    template = '"Question: {{ question }}\\nAnswer: {{ answer }}"'
+    sp, task = build(write_yaml, template=template, shots=2, chat=str(chat).lower(), chat_fn=fake_lm().chat)
+    contexts = [sp.builder.context(ex) for ex in task.split("test")]
+    demos = sp.builder.demo_text(task.split("test")[0])
+    starts = {c.text[: c.shared] for c in contexts}
+    assert starts == {("<user>" if chat else "") + demos} and len(contexts) > 1
+    zero, _ = build(write_yaml, template=template)
+    assert zero.builder.context(task.split("test")[0]).shared == 0
+    assert shared_start("demos + question", "demos", fixed=False) == 0  # `similar`: drawn per example
+
+
 def test_chat_end_to_end_uses_lm_chat(project, write_yaml, fake_lm, read_jsonl):
     path = write_yaml(prompt_yaml(MC_HEAD, template='"Question: {{ question }}\\nAnswer: {{ answer }}"', chat="true"))
     lm = fake_lm()

@@ -22,6 +22,10 @@ class GenerationRequest(NamedTuple):
     stop: tuple[str, ...] = ()
     samples: int = 1
     seed: int = 0
+    shared: int = 0
+    """How many leading characters of `context` other requests share (fixed demonstrations):
+    the generator computes them once and each prompt's own tokens after them. Where the split
+    falls changes results at rounding level, so it belongs to the request."""
 
 
 class LM(Protocol):

@@ -2,7 +2,9 @@
 
 Requests decode together in a fixed number of *slots* (`SLOTS` rows, one token each per
 step). Each request's prompt runs once, alone at batch 1, filling a key/value cache that
-is copied into a slot for each of its samples; a row that finishes (EOS, a stop string,
+is copied into a slot for each of its samples. A request may name the start of its context
+that others share (`shared`: fixed demonstrations); that start runs once per run, and each
+prompt then runs only its own tokens; a row that finishes (EOS, a stop string,
 or `max_new_tokens`) frees its slot, and the next waiting row takes it at the next step.
 
 A row's output never depends on what else is generated with it, by construction: every
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from taskfit.models.base import GenerationRequest
+from taskfit.models.scoring import MIN_SHARED_PREFIX, expanded_cache
 
 
 def validate(req: GenerationRequest) -> None:
@@ -346,6 +349,8 @@ class Generator:
     """Model forward passes run so far (prefills and decode steps)."""
 
     def __post_init__(self):
+        self._prefix: tuple[tuple, object] | None = None  # see `_prefix_cache`
+        self._head: tuple[str, list[int]] | None = None  # the latest shared start's text and tokens
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -413,8 +418,7 @@ class Generator:
                     if slots[s] is None and waiting:
                         r, i = waiting.popleft()
                         if r not in prefilled:
-                            ids = torch.tensor([prompts[r]], device=self.device)
-                            prefilled[r] = self._forward(ids, None)  # the prompt once, alone, at batch 1
+                            prefilled[r] = self._prefill(requests[r], prompts[r])  # once, alone, at batch 1
                         first, prompt_cache = prefilled[r]
                         cache.insert(s, prompt_cache)
                         if i == requests[r].samples - 1:
@@ -445,6 +449,41 @@ class Generator:
             self.truncated = truncated
             raise
         return results
+
+    def _prefill(self, req: GenerationRequest, ids: list[int]) -> tuple[torch.Tensor, object]:
+        """A prompt's last logits and its cache, at batch 1. After the start it shares with other
+        requests (`req.shared`), only its own tokens run, on a view of that start's cache."""
+        n = self._split(req, ids)
+        if not n:
+            return self._forward(torch.tensor([ids], device=self.device), None)
+        return self._forward(
+            torch.tensor([ids[n:]], device=self.device), expanded_cache(self._prefix_cache(ids[:n]), 1)
+        )
+
+    def _split(self, req: GenerationRequest, ids: list[int]) -> int:
+        """How many of the prompt's tokens are its shared start: as many leading tokens as the
+        prompt has in common with `req.context[:req.shared]` tokenized alone (a separator's
+        "\n\n" is one token at the end of a text and two before a word, so the start may end a
+        token early), if at least `MIN_SHARED_PREFIX`, else 0 (a prompt cut from the left shares
+        none). A property of the request alone: a row computes the same whatever the call holds."""
+        if not 0 < req.shared < len(req.context):
+            return 0
+        head = req.context[: req.shared]
+        if self._head is None or self._head[0] != head:
+            self._head = (head, self.tokenizer(head, add_special_tokens=False).input_ids)
+        n = next((i for i, (a, b) in enumerate(zip(self._head[1], ids)) if a != b), min(len(self._head[1]), len(ids)))
+        n = min(n, len(ids) - 1)  # the prompt's last token runs with it: its logits are the first step's
+        return n if n >= MIN_SHARED_PREFIX else 0
+
+    def _prefix_cache(self, prefix: list[int]):
+        """The key/value cache of a shared start, computed once per run: the latest is kept (per
+        autocast state), and every chunk of a run with fixed demonstrations starts with it."""
+        kind = self.device.type
+        key = (tuple(prefix), torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        if self._prefix is None or self._prefix[0] != key:
+            self._prefix = None  # the old one's memory goes first
+            self._prefix = (key, self._forward(torch.tensor([prefix], device=self.device), None)[1])
+        return self._prefix[1]
 
     def _decode(self, tokens: dict[int, int], live: list[int], cache: _SlotCache, check: bool) -> torch.Tensor:
         """One step for every slot: (SLOTS, V) float32 logits of the next token (free slots: junk)."""

@@ -230,7 +230,7 @@ class TreeScorer:
         ids, pos = torch.from_numpy(ids), torch.from_numpy(pos)
         kwargs = {}
         if prefix_kv is not None:
-            kwargs[self._cache_kw] = _expanded(prefix_kv, b)
+            kwargs[self._cache_kw] = expanded_cache(prefix_kv, b)
         return self.body(
             input_ids=ids.to(self.device),
             position_ids=pos.to(self.device),
@@ -295,7 +295,7 @@ class _Needed:
             out[group][j] = (lp, g)
 
 
-def _expanded(prefix_kv, batch_size: int):
+def expanded_cache(prefix_kv, batch_size: int):
     """A fresh DynamicCache holding the shared prefix, viewed (not copied) per batch row."""
     from transformers.cache_utils import DynamicCache
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from taskfit.config import PromptConfig
 from taskfit.data import Example
 from taskfit.errors import TaskfitError
+from taskfit.models.base import GenerationRequest
 from taskfit.prompting.answers import answer_strings
 from taskfit.prompting.demos import select_demos
 from taskfit.prompting.template import Rendered, Template, render_plain
@@ -29,6 +30,33 @@ class Context:
     text: str
     """Everything the model reads before the answer: demos, the example, chat wrapping."""
     rendered: Rendered
+    shared: int = 0
+    """How many leading characters of `text` every example of the run has: the chat header and
+    the demonstrations when they are fixed (see `shared_start`)."""
+
+
+def shared_start(text: str, demos: str, fixed: bool) -> int:
+    """The length of `text`'s start through `demos` (fixed demonstrations, after whatever chat
+    header precedes them), or 0 where the demonstrations are drawn per example or absent."""
+    at = text.find(demos) if fixed and demos else -1
+    return at + len(demos) if at >= 0 else 0
+
+
+def generation_request(
+    ctx: Context, cfg: PromptConfig, stop: tuple[str, ...], seed: int, samples: int
+) -> GenerationRequest:
+    """The request that continues `ctx` with the run's decoding settings (its shared start runs once)."""
+    return GenerationRequest(
+        generation_prompt(ctx),
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.top_p,
+        cfg.top_k,
+        stop,
+        samples,
+        seed,
+        ctx.shared,
+    )
 
 
 def generation_prompt(ctx: Context) -> str:
@@ -104,15 +132,21 @@ class PromptBuilder:
         variables = {**demo.fields, "rationale": demo.fields[self.cfg.rationale], "answer": answer}
         return render_plain(self.cfg.answer_format, variables, f"{self.where}.answer_format")
 
+    @property
+    def fixed_demos(self) -> bool:
+        """Whether every example gets the same demonstrations (all but `similar`)."""
+        return self._fixed is not None
+
     def context(self, example: Example) -> Context:
         rendered = self.template.render(example)
-        text = self.demo_text(example) + rendered.before
+        demos = self.demo_text(example)
+        text = demos + rendered.before
         if self.cfg.chain_of_thought and not self.cfg.shots:
             text = text + self.cfg.trigger  # zero-shot chain of thought (Kojima et al. 2022)
         if self.cfg.chat:
             # The whole prompt is the user's turn; the answer starts the assistant's reply.
             text = self._chat(text.rstrip()) if self._chat else text.rstrip()
-        return Context(text, rendered)
+        return Context(text, rendered, shared_start(text, demos, self.fixed_demos))
 
     @property
     def reasoning_to_answer(self) -> str:

@@ -31,8 +31,8 @@ from typing import Any
 from taskfit.config import PromptConfig
 from taskfit.data import Example
 from taskfit.errors import TaskfitError
-from taskfit.models.base import LM, GenerationRequest
-from taskfit.prompting.builder import Context, PromptBuilder, generation_prompt
+from taskfit.models.base import LM
+from taskfit.prompting.builder import Context, PromptBuilder, generation_request, shared_start
 from taskfit.prompting.extract import canonical
 from taskfit.tasks import Task
 from taskfit.tasks.token_classification import Span, encode, entity_types, spans, tag_scheme
@@ -173,18 +173,11 @@ class EntityStrategy:
         text = demos + rendered.before
         if self.cfg.chat:
             text = self._chat(text.rstrip()) if self._chat else text.rstrip()
-        return Context(text, rendered)
+        return Context(text, rendered, shared_start(text, demos, self.builder.fixed_demos))
 
     def predict(self, examples: list[Example], lm: LM) -> list[dict[str, Any]]:
-        c = self.cfg
         contexts = [self.context(ex) for ex in examples]
-        requests = [
-            GenerationRequest(
-                generation_prompt(ctx), c.max_new_tokens, c.temperature, c.top_p, c.top_k, self.stop, 1, self.seed
-            )
-            for ctx in contexts
-        ]
-        outputs = lm.generate(requests)
+        outputs = lm.generate([generation_request(ctx, self.cfg, self.stop, self.seed, 1) for ctx in contexts])
         return [self._row(ex, ctx, texts[0]) for ex, ctx, texts in zip(examples, contexts, outputs)]
 
     def _row(self, ex: Example, ctx: Context, text: str) -> dict[str, Any]:

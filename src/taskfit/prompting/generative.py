@@ -16,7 +16,7 @@ from typing import Any
 from taskfit.config import PromptConfig
 from taskfit.data import Example
 from taskfit.models.base import LM, GenerationRequest, Request
-from taskfit.prompting.builder import Context, PromptBuilder, generation_prompt
+from taskfit.prompting.builder import Context, PromptBuilder, generation_prompt, generation_request
 from taskfit.prompting.extract import extract, majority_text, majority_vote, match_option, vote_shares
 from taskfit.prompting.strategy import answer_fields, argmax, softmax
 from taskfit.tasks import Task
@@ -34,10 +34,7 @@ class GenerateStrategy:
             self.builder.context(ex)
 
     def request(self, ctx: Context) -> GenerationRequest:
-        c = self.cfg
-        return GenerationRequest(
-            generation_prompt(ctx), c.max_new_tokens, c.temperature, c.top_p, c.top_k, self.stop, c.samples, self.seed
-        )
+        return generation_request(ctx, self.cfg, self.stop, self.seed, self.cfg.samples)
 
     def predict(self, examples: list[Example], lm: LM) -> list[dict[str, Any]]:
         contexts = [self.builder.context(ex) for ex in examples]
