@@ -82,7 +82,8 @@ COMPUTATION = 2
 """How results are computed. Bump it with any change that moves the bits of a score or of a
 generated text (layouts, kernels, decoding): the cache file depends on it, so a run resumed
 after such a change recomputes everything instead of mixing results of two versions.
-(2: generation decodes in slots. Files of earlier versions stay where they were, unread.)"""
+(2: generation decodes in slots and runs a shared start apart; scoring chunks by text. Files
+of earlier versions stay where they were, unread.)"""
 
 
 class ScoreCache:
