@@ -201,13 +201,19 @@ def test_a_rows_logits_do_not_depend_on_what_else_decodes(lm, monkeypatch):
     reqs = [GenerationRequest(p, max_new_tokens=10) for p in PROMPTS]
     reqs += [sampled(PROMPTS[1], seed=4, samples=3), sampled(PROMPTS[3], seed=5, samples=6)]
     assert lm.generator.slots and sum(r.samples for r in reqs) > SLOTS
-    together = recorded_logits(lm.generator, reqs, monkeypatch)
-    reordered = recorded_logits(lm.generator, reqs[::-1], monkeypatch)
+    assert_rows_alike_alone_together_reversed(lm.generator, reqs, monkeypatch)
+
+
+def assert_rows_alike_alone_together_reversed(generator: Generator, reqs: list, monkeypatch) -> None:
+    """Every logits row of every step is exactly the same with the requests together, reversed
+    and each alone."""
+    together = recorded_logits(generator, reqs, monkeypatch)
+    reordered = recorded_logits(generator, reqs[::-1], monkeypatch)
     alone = {}
     for req in reqs:
-        alone.update(recorded_logits(lm.generator, [req], monkeypatch))
+        alone.update(recorded_logits(generator, [req], monkeypatch))
     assert together.keys() == alone.keys() == reordered.keys()
-    for key in together:  # exactly, every step of every row
+    for key in together:
         assert torch.equal(together[key], alone[key]) and torch.equal(reordered[key], alone[key]), key
 
 
@@ -250,14 +256,7 @@ def test_a_shared_start_keeps_every_row_independent_of_the_call(lm, monkeypatch)
     """Where a prompt splits is the request's own, so its rows compute the same bits alone,
     together and in any order; greedy still equals a full forward at every step."""
     reqs = few_shot() + [sampled(FEW_SHOT[1], seed=3, samples=3)._replace(shared=len(DEMOS))]
-    together = recorded_logits(lm.generator, reqs, monkeypatch)
-    reordered = recorded_logits(lm.generator, reqs[::-1], monkeypatch)
-    alone = {}
-    for req in reqs:
-        alone.update(recorded_logits(lm.generator, [req], monkeypatch))
-    assert together.keys() == alone.keys() == reordered.keys()
-    for key in together:
-        assert torch.equal(together[key], alone[key]) and torch.equal(reordered[key], alone[key]), key
+    assert_rows_alike_alone_together_reversed(lm.generator, reqs, monkeypatch)
     for req, (gen,) in zip(reqs, lm.generator.run_all(reqs[:3])):
         assert gen.tokens == reference_greedy(lm, req.context, 10)
 
