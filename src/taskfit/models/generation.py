@@ -462,8 +462,8 @@ class Generator:
 
     def _split(self, req: GenerationRequest, ids: list[int]) -> int:
         """How many of the prompt's tokens are its shared start: as many leading tokens as the
-        prompt has in common with `req.context[:req.shared]` tokenized alone (a separator's
-        "\n\n" is one token at the end of a text and two before a word, so the start may end a
+        prompt has in common with `req.context[:req.shared]` tokenized alone (a separator's blank
+        line is one token at the end of a text and two before a word, so the start may end a
         token early), if at least `MIN_SHARED_PREFIX`, else 0 (a prompt cut from the left shares
         none). A property of the request alone: a row computes the same whatever the call holds."""
         if not 0 < req.shared < len(req.context):
