@@ -250,6 +250,14 @@ def test_a_shared_start_runs_once_per_run(lm):
     assert [n for n in forward_lengths(fresh, reqs[:2]) if n > 1] == [len(p) - head for p in prompts[:2]]
     plain = GenerationRequest(FEW_SHOT[0], 10)
     assert forward_lengths(fresh, [plain])[0] == len(prompts[0])
+    # the split is the request's own: beside a prompt that shares nothing, alone, it is the same
+    other = GenerationRequest(PROMPTS[0], 10)
+    assert [n for n in forward_lengths(fresh, [reqs[2], other]) if n > 1] == [
+        len(prompts[2]) - head,
+        len(lm.generator.encode(PROMPTS[0], 10)),
+    ]
+    alone = Generator(lm.model, lm.tokenizer, lm.max_length)
+    assert [n for n in forward_lengths(alone, [reqs[1]]) if n > 1] == [head, len(prompts[1]) - head]
 
 
 def test_a_shared_start_keeps_every_row_independent_of_the_call(lm, monkeypatch):
@@ -261,7 +269,7 @@ def test_a_shared_start_keeps_every_row_independent_of_the_call(lm, monkeypatch)
         assert gen.tokens == reference_greedy(lm, req.context, 10)
 
 
-def test_a_shared_start_splits_at_the_last_token_both_texts_have(lm, tmp_path):
+def test_a_shared_start_splits_at_the_last_token_both_texts_have(lm):
     """The split falls after the last token the prompt has in common with its shared start
     tokenized alone (inside a word: before it); none when that is short, or when the prompt
     was cut from the left."""
