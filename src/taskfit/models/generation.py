@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from taskfit.models.base import GenerationRequest
-from taskfit.models.scoring import MIN_SHARED_PREFIX, expanded_cache
+from taskfit.models.scoring import MIN_SHARED_PREFIX, expanded_cache, prefix_key
 
 
 def validate(req: GenerationRequest) -> None:
@@ -478,8 +478,7 @@ class Generator:
     def _prefix_cache(self, prefix: list[int]):
         """The key/value cache of a shared start, computed once per run: the latest is kept (per
         autocast state), and every chunk of a run with fixed demonstrations starts with it."""
-        kind = self.device.type
-        key = (tuple(prefix), torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        key = prefix_key(prefix, self.device)
         if self._prefix is None or self._prefix[0] != key:
             self._prefix = None  # the old one's memory goes first
             self._prefix = (key, self._forward(torch.tensor([prefix], device=self.device), None)[1])

@@ -197,8 +197,7 @@ class TreeScorer:
         """The key/value cache of a shared prefix. The last ones computed are kept, per autocast
         state: every chunk of a run with fixed demonstrations shares the same prefix. Whether a
         prefix is shared never depends on this memory, so neither do the scores."""
-        kind = self.device.type
-        key = (tuple(prefix), torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        key = prefix_key(prefix, self.device)
         if key not in self._prefixes:
             ids = torch.tensor([prefix], device=self.device)
             self.tokens += len(prefix)
@@ -293,6 +292,11 @@ class _Needed:
             acc[1] = acc[1] and g
         for (group, j), (lp, g) in sums.items():
             out[group][j] = (lp, g)
+
+
+def prefix_key(prefix: list[int], device: torch.device) -> tuple:
+    """What a cached prefix's keys and values depend on: its tokens and the autocast state."""
+    return (tuple(prefix), torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
 
 
 def expanded_cache(prefix_kv, batch_size: int):

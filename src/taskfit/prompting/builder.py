@@ -132,21 +132,20 @@ class PromptBuilder:
         variables = {**demo.fields, "rationale": demo.fields[self.cfg.rationale], "answer": answer}
         return render_plain(self.cfg.answer_format, variables, f"{self.where}.answer_format")
 
-    @property
-    def fixed_demos(self) -> bool:
-        """Whether every example gets the same demonstrations (all but `similar`)."""
-        return self._fixed is not None
-
     def context(self, example: Example) -> Context:
         rendered = self.template.render(example)
-        demos = self.demo_text(example)
-        text = demos + rendered.before
-        if self.cfg.chain_of_thought and not self.cfg.shots:
-            text = text + self.cfg.trigger  # zero-shot chain of thought (Kojima et al. 2022)
+        # zero-shot chain of thought (Kojima et al. 2022): the trigger follows the example
+        tail = self.cfg.trigger if self.cfg.chain_of_thought and not self.cfg.shots else ""
+        return self.assemble(self.demo_text(example), rendered, tail)
+
+    def assemble(self, demos: str, rendered: Rendered, tail: str = "") -> Context:
+        """The context of rendered demonstrations and an example's rendered template (then
+        `tail`), wrapped as the user's turn under `chat`, with its shared start."""
+        text = demos + rendered.before + tail
         if self.cfg.chat:
             # The whole prompt is the user's turn; the answer starts the assistant's reply.
             text = self._chat(text.rstrip()) if self._chat else text.rstrip()
-        return Context(text, rendered, shared_start(text, demos, self.fixed_demos))
+        return Context(text, rendered, shared_start(text, demos, fixed=self._fixed is not None))
 
     @property
     def reasoning_to_answer(self) -> str:

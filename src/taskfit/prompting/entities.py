@@ -32,7 +32,7 @@ from taskfit.config import PromptConfig
 from taskfit.data import Example
 from taskfit.errors import TaskfitError
 from taskfit.models.base import LM
-from taskfit.prompting.builder import Context, PromptBuilder, generation_request, shared_start
+from taskfit.prompting.builder import Context, PromptBuilder, generation_request
 from taskfit.prompting.extract import canonical
 from taskfit.tasks import Task
 from taskfit.tasks.token_classification import Span, encode, entity_types, spans, tag_scheme
@@ -131,7 +131,6 @@ class EntityStrategy:
         _check_supported(cfg, where)
         self.cfg, self.task, self.where, self.seed = cfg, task, where, seed
         self.builder = PromptBuilder(cfg, task, seed, where, template, chat)
-        self._chat = chat
         self.types = entity_types(task.tags or ())
         self.scheme = tag_scheme(task.tags or ())
         self.stop = tuple(cfg.stop) if cfg.stop is not None else self._default_stop(template)
@@ -169,11 +168,7 @@ class EntityStrategy:
             template.render(self._view(d)).filled(self.answer(d)) + self.cfg.separator
             for d in self.builder.demos(example)
         )
-        rendered = template.render(self._view(example))
-        text = demos + rendered.before
-        if self.cfg.chat:
-            text = self._chat(text.rstrip()) if self._chat else text.rstrip()
-        return Context(text, rendered, shared_start(text, demos, self.builder.fixed_demos))
+        return self.builder.assemble(demos, template.render(self._view(example)))
 
     def predict(self, examples: list[Example], lm: LM) -> list[dict[str, Any]]:
         contexts = [self.context(ex) for ex in examples]
