@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from taskfit.config import ModelConfig
 from taskfit.models import generation
 from taskfit.models.base import GenerationRequest
 from taskfit.models.generation import (
-    SLOTS,
+    STEP_ROWS,
     Detokenizer,
     Generator,
     draw,
@@ -158,25 +160,92 @@ def test_prompt_runs_once_for_all_samples(lm):
     assert all(shape[1] == 1 and shape[0] <= 8 for shape in calls[1:])  # then one token per live sample
 
 
-def test_finished_rows_free_their_slots(lm):
+def input_shapes(generator: Generator, requests: list[GenerationRequest]) -> tuple[list, list]:
+    """The outputs of a call, and the (rows, tokens) shape of each of its forward passes."""
+    calls = []
+    handle = generator.model.register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        return generator.run_all(requests), calls
+    finally:
+        handle.remove()
+
+
+def test_finished_rows_free_their_slots(lm, monkeypatch):
     (full,) = lm.generator.run(GenerationRequest(PROMPTS[0], max_new_tokens=12))
     stop = lm.tokenizer.decode(full.tokens[:2], skip_special_tokens=True)[-1]
     early = sampled(PROMPTS[0], seed=2, stop=(stop,))
     late = GenerationRequest(PROMPTS[3], max_new_tokens=12)
-    calls = []
-    handle = lm.model.register_forward_hook(
-        lambda mod, args, kwargs, out: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
-    )
-    try:
-        gens, (alone,) = lm.generator.run_all([early, late])
-    finally:
-        handle.remove()
+    monkeypatch.setattr(Generator, "_rows_alike", lambda self: False)  # steps of 8 rows only: 8 slots
+    eight = Generator(lm.model, lm.tokenizer, lm.max_length)
+    (gens, (alone,)), calls = input_shapes(eight, [early, late])
     assert sum(g.finish == "stop" for g in gens) >= 1  # a one-character stop string: some samples meet it early
     decode_steps = [shape for shape in calls if shape[1] == 1]
-    assert all(shape == (SLOTS, 1) for shape in decode_steps)  # always every slot: the shapes never change
+    assert set(decode_steps) == {(STEP_ROWS[0], 1)}
     # the ninth row (the late request) took the first freed slot: fewer steps than one request after the other
     assert len(decode_steps) < max(len(g.tokens) for g in gens) + len(alone.tokens)
     assert alone.tokens == lm.generator.run(late)[0].tokens
+
+
+def test_a_step_runs_the_fewest_rows_that_hold_the_live_ones(lm, monkeypatch):
+    """A call with more rows than the largest step fills that many slots; as rows finish and
+    none wait, steps shrink to the next size that holds the rest."""
+    monkeypatch.setattr(Generator, "_rows_alike", lambda self: True)
+    fresh = Generator(lm.model, lm.tokenizer, lm.max_length)
+    seen = []
+    decode = Generator._decode
+
+    def recording(self, tokens, live, rows, cache, check):
+        seen.append((len(live), rows, cache.slots))
+        return decode(self, tokens, live, rows, cache, check)
+
+    monkeypatch.setattr(Generator, "_decode", recording)
+    reqs = [sampled(PROMPTS[1], seed=6, samples=30, stop=("e",)), sampled(PROMPTS[3], seed=7, samples=6)]
+    (_, calls) = input_shapes(fresh, reqs)
+    assert [shape for shape in calls if shape[1] == 1] == [(rows, 1) for _, rows, _ in seen]
+    assert all(slots == STEP_ROWS[-1] for _, _, slots in seen)
+    assert all(rows == min(n for n in STEP_ROWS if n >= live) for live, rows, _ in seen)
+    assert {rows for _, rows, _ in seen} == set(STEP_ROWS)  # rows finished at different steps
+    (_, calls) = input_shapes(fresh, reqs[1:])  # six rows: eight slots
+    assert seen[-1][2] == STEP_ROWS[0]
+
+
+def test_step_sizes_are_used_only_where_rows_come_out_alike(lm):
+    """A model whose logits for a row change with the rows beside it decodes in steps of the
+    first size only; the check runs once per autocast state."""
+    fresh = Generator(lm.model, lm.tokenizer, lm.max_length)
+    assert fresh.step_rows() in (STEP_ROWS, STEP_ROWS[:1])
+    handle = lm.model.register_forward_hook(  # a row's logits move with its place in the step
+        lambda mod, args, out: setattr(out, "logits", out.logits + torch.arange(out.logits.shape[0])[:, None, None])
+    )
+    try:
+        probing = Generator(lm.model, lm.tokenizer, lm.max_length)
+        assert probing.step_rows() == STEP_ROWS[:1]
+        (_, calls) = input_shapes(probing, [sampled(PROMPTS[0], seed=1, samples=20)])
+    finally:
+        handle.remove()
+    assert {shape for shape in calls if shape[1] == 1} == {(STEP_ROWS[0], 1)}
+    assert probing.step_rows() == STEP_ROWS[:1]  # remembered, though the model behaves again
+    with torch.autocast("cpu", torch.bfloat16):
+        assert probing.step_rows() == fresh.step_rows()  # another state: checked afresh
+
+
+def test_slots_shrink_to_fit_their_memory(lm, monkeypatch):
+    """A call gets the slots its rows need, fewer where their cache at the longest row would
+    pass `SLOT_MEMORY`, and never fewer than the first step size."""
+    g = Generator(lm.model, lm.tokenizer, lm.max_length)
+    per_token = g._cache_bytes_per_token()
+    with torch.no_grad():
+        _, cache = g._forward(torch.tensor([[1, 2, 3]]), None)
+    assert per_token == sum(t.numel() * t.element_size() for kv in generation._layers(cache) for t in kv) // 3
+    assert g._slot_count(3, 100, STEP_ROWS) == 8 and g._slot_count(9, 100, STEP_ROWS) == 16
+    assert g._slot_count(100, 100, STEP_ROWS) == 32 and g._slot_count(100, 100, STEP_ROWS[:1]) == 8
+    limit = generation.SLOT_MEMORY // (20 * per_token)  # 20 slots' worth
+    assert g._slot_count(100, limit, STEP_ROWS) == 16
+    assert g._slot_count(100, limit * 100, STEP_ROWS) == 8
+    monkeypatch.setattr(lm.model, "config", SimpleNamespace(model_type="custom"))
+    assert g._slot_count(100, 100, STEP_ROWS) == 8  # the cache's size is unknown
 
 
 def recorded_logits(generator: Generator, requests: list[GenerationRequest], monkeypatch) -> dict:
@@ -199,8 +268,8 @@ def test_a_rows_logits_do_not_depend_on_what_else_decodes(lm, monkeypatch):
     # greedy and sampled requests with prompts of different lengths: more rows than slots, so rows
     # wait, join freed slots at different steps and sit beside different neighbours
     reqs = [GenerationRequest(p, max_new_tokens=10) for p in PROMPTS]
-    reqs += [sampled(PROMPTS[1], seed=4, samples=3), sampled(PROMPTS[3], seed=5, samples=6)]
-    assert lm.generator.slots and sum(r.samples for r in reqs) > SLOTS
+    reqs += [sampled(PROMPTS[1], seed=4, samples=3), sampled(PROMPTS[3], seed=5, samples=30)]
+    assert lm.generator.slots and sum(r.samples for r in reqs) > STEP_ROWS[-1]
     assert_rows_alike_alone_together_reversed(lm.generator, reqs, monkeypatch)
 
 

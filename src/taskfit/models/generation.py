@@ -1,16 +1,17 @@
 """Batched, seeded text generation with a transformers causal LM.
 
-Requests decode together in a fixed number of *slots* (`SLOTS` rows, one token each per
-step). Each request's prompt runs once, alone at batch 1, filling a key/value cache that
-is copied into a slot for each of its samples. A request may name the start of its context
-that others share (`shared`: fixed demonstrations); that start runs once per run, and each
-prompt then runs only its own tokens; a row that finishes (EOS, a stop string,
-or `max_new_tokens`) frees its slot, and the next waiting row takes it at the next step.
+Requests decode together in *slots* (one row each, one token per step). Each request's
+prompt runs once, alone at batch 1, filling a key/value cache that is copied into a slot for
+each of its samples. A request may name the start of its context that others share (`shared`:
+fixed demonstrations); that start runs once per run, and each prompt then runs only its own
+tokens; a row that finishes (EOS, a stop string, or `max_new_tokens`) frees its slot, and the
+next waiting row takes it at the next step.
 
-A row's output never depends on what else is generated with it, by construction: every
-decoding step runs the same matrix shapes (free slots carry a dummy token), each row
-attends to exactly its own keys in a call of its own, and its cache sits in its slot at
-the same offsets whatever the other slots hold. Greedy output is the same alone, in a
+A row's output never depends on what else is generated with it: each row attends to exactly
+its own keys in a call of its own, its cache sits in its slot at the same offsets whatever the
+other slots hold, and a step runs 8, 16 or 32 rows (`STEP_ROWS`; free places carry a dummy
+token) only where the model has been seen to give every row the same bits at each of those
+sizes and places (`Generator.step_rows`; else always 8). Greedy output is the same alone, in a
 batch of requests, in any order, resumed or not.
 
 Sampling is reproducible per sample: sample `i` of a request draws from its own
@@ -195,12 +196,18 @@ def find_stop(text: str, piece: str, stop: tuple[str, ...]) -> int:
     return best
 
 
-SLOTS = 8
-"""Rows per decoding step, always (free ones carry a dummy token): a matrix product's rounding
-can change with its number of rows, so the number never changes. Eight is the `samples` of
-a typical vote. On this project's CPU (default model, float32) a step of eight rows takes
-82 ms against 59 ms for one row at batch 1: eight requests decode ~5.8x faster per token than
-one after the other, and a lone greedy request ~1.4x slower (it pays for the dummy rows)."""
+STEP_ROWS = (8, 16, 32)
+"""Rows a decoding step may run (the fewest that hold the live rows; free places carry a dummy
+token). A matrix product's rounding can change with its number of rows (on this project's CPU,
+float32 products of 1-3 rows differ from those of 4 or more), so only these sizes are used, and
+sizes above the first only after `Generator.step_rows` has seen them give the same bits. On that
+CPU (default model) a step of 8, 16 or 32 rows takes 49, 52 or 66 ms in bf16 (82, 98 or 127 in
+float32): many rows decode faster in bigger steps (50 prompts x 8 samples: ~130 -> ~240
+tokens/s in bf16, ~75 -> ~155 in float32), and a lone row is not made to pay for 31 dummies."""
+
+SLOT_MEMORY = 2 * 1024**3
+"""Bytes the slots' key/value cache may take at the call's longest row before a call gets fewer
+slots (never fewer than `STEP_ROWS[0]`)."""
 
 UNSUPPORTED_ATTENTION = ("sliding_window", "softcap", "s_aux", "position_bias")
 """Arguments a model's layers may hand its attention that `_row_attention` does not apply."""
@@ -213,8 +220,8 @@ ROW_ATTENTION = "taskfit_rows"
 class _Step:
     """What `_row_attention` needs to know during one decoding step."""
 
-    live: list[int]  # slots holding a row
-    lengths: list[int]  # keys per slot, the one written this step included
+    slots: list[int]  # the slot of each of the step's rows that holds a row (the rest are dummies)
+    lengths: list[int]  # keys of each of those rows, the one written this step included
     calls: int = 0  # attention layers run: each must come through `_row_attention`
 
 
@@ -224,24 +231,23 @@ _STEP: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("taskfit_de
 def _row_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention for a decoding step over `_SlotCache` storage: each live row's query (one
     token) attends to exactly its own keys, in a call of its own (the same call, with the same
-    shapes, as if it were alone); free slots give zeros. `attention_mask` is a placeholder:
-    the lengths come from `_STEP`. Returns (SLOTS, 1, heads, head dim), as transformers'
-    attention functions do."""
+    shapes, as if it were alone); dummy rows give zeros. `attention_mask` is a placeholder:
+    the slots and lengths come from `_STEP`. Returns (rows, 1, heads, head dim), as
+    transformers' attention functions do."""
     step = _STEP.get()
     if any(kwargs.get(name) is not None for name in UNSUPPORTED_ATTENTION):
         raise _NotThroughInterface  # attention the per-row call would leave out
     step.calls += 1
-    slots, heads, _, dim = query.shape
+    rows, heads, _, dim = query.shape
     kv_heads = key.shape[2]
     # The query heads that share a key/value head attend as that head's queries: no copies of the keys.
-    packed = query.reshape(slots, kv_heads, heads // kv_heads, dim).to(key.dtype)
-    out = packed.new_zeros(slots, kv_heads, heads // kv_heads, dim)
-    for i in step.live:
-        n = step.lengths[i]
-        k = key[i : i + 1, :n].transpose(1, 2)  # (1, Hkv, n, D): the same strides in every slot
-        v = value[i : i + 1, :n].transpose(1, 2)
-        out[i] = F.scaled_dot_product_attention(packed[i : i + 1], k, v, scale=scaling)[0]  # 4D: torch's fused kernel
-    return out.reshape(slots, 1, heads, dim), None
+    packed = query.reshape(rows, kv_heads, heads // kv_heads, dim).to(key.dtype)
+    out = packed.new_zeros(rows, kv_heads, heads // kv_heads, dim)
+    for j, (slot, n) in enumerate(zip(step.slots, step.lengths)):
+        k = key[slot : slot + 1, :n].transpose(1, 2)  # (1, Hkv, n, D): the same strides in every slot
+        v = value[slot : slot + 1, :n].transpose(1, 2)
+        out[j] = F.scaled_dot_product_attention(packed[j : j + 1], k, v, scale=scaling)[0]  # 4D: torch's fused kernel
+    return out.reshape(rows, 1, heads, dim), None
 
 
 def _register_row_attention() -> None:
@@ -251,18 +257,19 @@ def _register_row_attention() -> None:
 
 
 class _SlotCache:
-    """Keys and values of `SLOTS` rows, each left-aligned in its own slot: (SLOTS, capacity,
+    """Keys and values of `slots` rows, each left-aligned in its own slot: (slots, capacity,
     kv heads, head dim) per layer, so a row's keys have the same layout in any slot. Filled by
     `insert` from a prefill's cache, then one token per step through `update` (the model's
-    cache interface), at each slot's own length, in the dtype attention computes in. The
+    cache interface), at each live slot's own length, in the dtype attention computes in. The
     capacity grows with the longest row."""
 
-    def __init__(self, limit: int):
+    def __init__(self, slots: int, limit: int):
+        self.slots = slots
         self.limit = limit  # the longest any row of the call can grow: prompt + max_new_tokens
         self.capacity = 0
         self.keys: list[torch.Tensor] = []  # allocated at the first `insert`, in the dtype attention computes in
         self.values: list[torch.Tensor] = []
-        self.lengths = [0] * SLOTS
+        self.lengths = [0] * slots
 
     def reserve(self, length: int) -> None:
         """Room for `length` tokens in every slot: grown by doubling, up to `limit`. A row's keys
@@ -273,7 +280,7 @@ class _SlotCache:
         room = min(max(length, 2 * self.capacity), max(self.limit, length))
         for store in (self.keys, self.values):
             for layer, old in enumerate(store):
-                store[layer] = torch.cat([old, old.new_zeros(SLOTS, room - self.capacity, *old.shape[2:])], dim=1)
+                store[layer] = torch.cat([old, old.new_zeros(self.slots, room - self.capacity, *old.shape[2:])], dim=1)
         self.capacity = room
 
     def insert(self, slot: int, cache) -> None:
@@ -283,22 +290,24 @@ class _SlotCache:
             if layer == 0:
                 self.reserve(n)
             if layer == len(self.keys):
-                shape = (SLOTS, self.capacity, k.shape[1], k.shape[3])
+                shape = (self.slots, self.capacity, k.shape[1], k.shape[3])
                 self.keys.append(k.new_zeros(shape, dtype=_attention_dtype(k)))
                 self.values.append(v.new_zeros(shape, dtype=_attention_dtype(v)))
             self.keys[layer][slot, :n] = k[0].transpose(0, 1)
             self.values[layer][slot, :n] = v[0].transpose(0, 1)
         self.lengths[slot] = n
 
-    def begin_step(self, device) -> None:
-        """Where this step's token goes in each slot (its length), for every layer's `update`."""
-        self._at = (torch.arange(SLOTS, device=device), torch.tensor(self.lengths, device=device))
+    def begin_step(self, live: list[int], device) -> None:
+        """Where this step's tokens go: the step's first rows are the `live` slots, each token at
+        its slot's length (the dummy rows after them are not kept), for every layer's `update`."""
+        self._live = len(live)
+        self._at = (torch.tensor(live, device=device), torch.tensor([self.lengths[s] for s in live], device=device))
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        """Write this step's (SLOTS, kv heads, 1, head dim) keys and values at each slot's length."""
+        """Write the live rows' keys and values of this step's (rows, kv heads, 1, head dim)."""
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys[self._at] = key_states[:, :, 0].to(keys.dtype)
-        values[self._at] = value_states[:, :, 0].to(values.dtype)
+        keys[self._at] = key_states[: self._live, :, 0].to(keys.dtype)
+        values[self._at] = value_states[: self._live, :, 0].to(values.dtype)
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -357,6 +366,7 @@ class Generator:
         self.stop_ids = _eos_ids(self.model, self.tokenizer)
         self.slots = slots_usable(self.model)
         """Whether requests decode together in slots (else one request at a time)."""
+        self._step_rows: dict[tuple, tuple[int, ...]] = {}  # see `step_rows`
         if self.slots:
             _register_row_attention()
 
@@ -406,15 +416,17 @@ class Generator:
         waiting = deque((r, i) for r, req in enumerate(requests) for i in range(req.samples))
         if not waiting:
             return []
-        cache = _SlotCache(limit=max(len(ids) + req.max_new_tokens for ids, req in zip(prompts, requests)))
-        slots: list[_Row | None] = [None] * SLOTS
+        limit = max(len(ids) + req.max_new_tokens for ids, req in zip(prompts, requests))
+        sizes = self.step_rows()
+        cache = _SlotCache(self._slot_count(len(waiting), limit, sizes), limit)
+        slots: list[_Row | None] = [None] * cache.slots
         prefilled: dict[int, tuple[torch.Tensor, object]] = {}  # request -> (first logits, cache) while samples wait
-        logits = None  # (SLOTS, V) of the last step
+        logits = None  # (slots, V) of the last step
         first_step = True
         try:
             while True:
                 joined = []
-                for s in range(SLOTS):
+                for s in range(cache.slots):
                     if slots[s] is None and waiting:
                         r, i = waiting.popleft()
                         if r not in prefilled:
@@ -426,10 +438,10 @@ class Generator:
                         slots[s] = _Row(Detokenizer(self.tokenizer), self._rng(requests[r], i), request=r, sample=i)
                         joined.append((s, first))
                 if logits is None:
-                    logits = joined[0][1].new_zeros(SLOTS, joined[0][1].shape[-1])
+                    logits = joined[0][1].new_zeros(cache.slots, joined[0][1].shape[-1])
                 for s, first in joined:
                     logits[s] = first[0]
-                live = [s for s in range(SLOTS) if slots[s] is not None]
+                live = [s for s in range(cache.slots) if slots[s] is not None]
                 if not live:
                     break
                 tokens = self._pick_slots(logits, slots, live, requests)
@@ -439,11 +451,12 @@ class Generator:
                         results[row.request][row.sample] = row.result
                         slots[s] = None
                         cache.lengths[s] = 0
-                live = [s for s in range(SLOTS) if slots[s] is not None]
+                live = [s for s in range(cache.slots) if slots[s] is not None]
                 if not live and not waiting:
                     break
                 if live:
-                    logits = self._decode(tokens, live, cache, check=first_step)
+                    rows = next(n for n in sizes if n >= len(live))
+                    logits[live] = self._decode(tokens, live, rows, cache, check=first_step)
                     first_step = False
         except _NotThroughInterface:
             self.truncated = truncated
@@ -484,15 +497,19 @@ class Generator:
             self._prefix = (key, self._forward(torch.tensor([prefix], device=self.device), None)[1])
         return self._prefix[1]
 
-    def _decode(self, tokens: dict[int, int], live: list[int], cache: _SlotCache, check: bool) -> torch.Tensor:
-        """One step for every slot: (SLOTS, V) float32 logits of the next token (free slots: junk)."""
+    def _decode(
+        self, tokens: dict[int, int], live: list[int], rows: int, cache: _SlotCache, check: bool
+    ) -> torch.Tensor:
+        """One step of `rows` rows, the `live` slots' first and dummies after them: (len(live), V)
+        float32 logits of each live slot's next token."""
         device = self.device
         cache.reserve(max(cache.lengths) + 1)
-        cache.begin_step(device)
-        ids = torch.tensor([[tokens[s] if s in live else 0] for s in range(SLOTS)], device=device)
-        positions = torch.tensor([[n] for n in cache.lengths], device=device)
-        step = _Step(live, [n + 1 for n in cache.lengths])
-        placeholder = torch.ones(SLOTS, 1, 1, 1, dtype=torch.bool, device=device)  # a 4D mask is passed through as is
+        cache.begin_step(live, device)
+        dummies = rows - len(live)
+        ids = torch.tensor([[tokens[s]] for s in live] + [[0]] * dummies, device=device)
+        positions = torch.tensor([[cache.lengths[s]] for s in live] + [[0]] * dummies, device=device)
+        step = _Step(live, [cache.lengths[s] + 1 for s in live])
+        placeholder = torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=device)  # a 4D mask is passed through as is
         config = self.model.config
         before = config._attn_implementation
         token = _STEP.set(step)
@@ -518,7 +535,60 @@ class Generator:
             raise _NotThroughInterface
         for s in live:
             cache.lengths[s] += 1
-        return out.logits[:, -1].float()
+        return out.logits[: len(live), -1].float()
+
+    def step_rows(self) -> tuple[int, ...]:
+        """The sizes of `STEP_ROWS` a decoding step may run under the current autocast state: all
+        of them where one token per row gives every row the same logits, bit for bit, at each size
+        and wherever the row sits in the step (seen once per state: the model's products and norms
+        are the same at every step); else the first alone."""
+        device = self.device.type
+        state = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        if state not in self._step_rows:
+            self._step_rows[state] = STEP_ROWS if self._rows_alike() else STEP_ROWS[:1]
+        return self._step_rows[state]
+
+    @torch.no_grad()
+    def _rows_alike(self) -> bool:
+        """Whether 8 tokens, each alone in its row, get the same logits in steps of every size of
+        `STEP_ROWS` (in order at the start of the step, then reversed at its end). Each row
+        attends to itself only, as in a step, where each row's attention is a call of its own."""
+        first = STEP_ROWS[0]
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        probe = (torch.arange(first, device=self.device) * 7919 + 1) % vocab
+
+        def logits(ids: torch.Tensor) -> torch.Tensor:
+            out = self.model(input_ids=ids[:, None], use_cache=False, **self._keep_kw)
+            return out.logits[:, -1]
+
+        expected = logits(probe)
+        for rows in STEP_ROWS:
+            filler = torch.full((rows - first,), 2, device=self.device)
+            if not torch.equal(logits(torch.cat([filler, probe.flip(0)]))[rows - first :].flip(0), expected):
+                return False
+        return True
+
+    def _slot_count(self, waiting: int, limit: int, sizes: tuple[int, ...]) -> int:
+        """Slots for a call: the fewest step sizes that hold all its rows, fewer where their
+        key/value cache at `limit` tokens each would pass `SLOT_MEMORY` (never below the first)."""
+        wanted = next((n for n in sizes if n >= waiting), sizes[-1])
+        per_slot = limit * self._cache_bytes_per_token()
+        fits = [n for n in sizes if n <= wanted and n * per_slot <= SLOT_MEMORY]
+        return max(fits, default=sizes[0])
+
+    def _cache_bytes_per_token(self) -> int:
+        """Bytes of keys and values one token takes in the slots' cache (from the model's config;
+        a model that does not say is taken to need the whole budget per row)."""
+        config = self.model.config
+        layers = getattr(config, "num_hidden_layers", None)
+        heads = getattr(config, "num_attention_heads", None)
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // heads if heads else None)
+        if not (layers and kv_heads and dim):
+            return SLOT_MEMORY
+        device = self.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.model.dtype
+        return 2 * layers * kv_heads * dim * dtype.itemsize
 
     def _pick_slots(self, logits: torch.Tensor, slots: list, live: list[int], requests) -> dict[int, int]:
         """Next token per live slot, each request's rows picked with its own settings."""
