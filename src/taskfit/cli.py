@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import ProgressColumn
 from rich.table import Table
 from rich.text import Text
@@ -25,7 +26,7 @@ err = Console(stderr=True)
 
 
 def _fail(exc: TaskfitError) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -121,7 +122,7 @@ def comparison_table(comparison: dict) -> Table:
         low, high = r["ci95"]
         small = "*" if abs(r["difference"]) < r["mdd"] else ""
         table.add_row(
-            f"{r['a']} vs {r['b']}",
+            escape(f"{r['a']} vs {r['b']}"),
             r["metric"],
             str(r["n"]),
             f"{r['difference']:+.3f} [{low:+.3f}, {high:+.3f}]",
@@ -168,22 +169,21 @@ class _ExamplesPerSecond(ProgressColumn):
 
 
 def results_table(results: dict) -> Table:
-    """Metric [95% CI] for one seed; mean ± std across seeds otherwise."""
-    metrics = list(dict.fromkeys(k[: -len("_ci95")] for r in results.values() for k in r if k.endswith("_ci95")))
-    metrics += [m for r in results.values() for m in _seed_metrics(r) if m not in metrics]
+    """Metric [95% CI] for one seed; mean ± std across seeds, or across a run's variants
+    (templates, demonstration sets) on its own line."""
+    metrics = [k[: -len("_ci95")] for r in results.values() for k in r if k.endswith("_ci95")]
+    metrics += [k[: -len("_std")] for r in results.values() for k in r if k.endswith("_std")]
+    metrics = list(dict.fromkeys(metrics))
     table = Table("run", "n", *metrics)
-    for name, r in results.items():
-        table.add_row(name, str(r.get("n", "")), *[_cell(r, m) for m in metrics])
+    for name, r in results.items():  # a variant's label, "run[t0]", is not markup
+        table.add_row(escape(name), str(r.get("n", "")), *[_cell(r, m) for m in metrics])
     return table
-
-
-def _seed_metrics(r: dict) -> list[str]:
-    return [k[: -len("_std")] for k in r if k.endswith("_std")]
 
 
 def _cell(r: dict, m: str) -> str:
     if f"{m}_std" in r:
-        return f"{r[m]:.3f} ± {r[m + '_std']:.3f} ({len(r['seeds'])} seeds)"
+        over = f"{len(r['seeds'])} seeds" if "seeds" in r else f"{len(r['variants'])} variants"
+        return f"{r[m]:.3f} ± {r[m + '_std']:.3f} ({over})"
     if f"{m}_ci95" in r:
         low, high = r[f"{m}_ci95"]
         return f"{r[m]:.3f} [{low:.3f}, {high:.3f}]"

@@ -7,10 +7,12 @@ import subprocess
 import sys
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 import taskfit.models
 from taskfit.cli import app
+from taskfit.errors import TaskfitError
 
 
 @pytest.fixture
@@ -110,6 +112,32 @@ def test_run_prints_table_and_writes_results(project, runner, monkeypatch, fake_
     assert "zero" in result.stdout
     assert (out / "results.json").is_file()
     assert len(lm.requests) == 12
+
+
+def test_run_table_shows_the_spread_across_templates(project, runner, monkeypatch, fake_lm):
+    text = (project / "cls.yaml").read_text()
+    text = text[: text.index("runs:")] + (
+        "seeds: [0, 1]\nruns:\n  each:\n    prompt:\n      combine: each\n"
+        '      templates: ["Text: {{ text }} Label: {{ answer }}", "{{ text }} It was {{ answer }}"]\n'
+    )
+    (project / "each.yaml").write_text(text)
+    monkeypatch.setattr(taskfit.models, "load_model", lambda config=None: fake_lm())
+    args = ["run", str(project / "each.yaml"), "--out", str(project / "out"), "--limit", "4"]
+    result = runner.invoke(app, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "(2 variants)" in result.stdout and "(2 seeds)" in result.stdout
+    assert "each[t0]" in result.stdout and "each[t1]" in result.stdout  # the labels, not markup
+    header = next(line for line in result.stdout.splitlines() if "accuracy" in line)
+    assert header.count("accuracy") == 1  # one column per metric
+
+
+def test_error_text_in_brackets_is_printed_as_written(capsys):
+    from taskfit import cli
+
+    with pytest.raises(typer.Exit) as exit_info:
+        cli._fail(TaskfitError("runs.each[t0]: the answer [MASK] is not a label"))
+    assert exit_info.value.exit_code == 2
+    assert "runs.each[t0]: the answer [MASK] is not a label" in capsys.readouterr().err  # not taken for markup
 
 
 def run_module(*args, cwd, env_extra=None):
