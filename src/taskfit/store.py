@@ -78,12 +78,13 @@ def request_key(req: tuple) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-COMPUTATION = 2
+COMPUTATION = 3
 """How results are computed. Bump it with any change that moves the bits of a score or of a
 generated text (layouts, kernels, decoding): the cache file depends on it, so a run resumed
 after such a change recomputes everything instead of mixing results of two versions.
-(2: generation decodes in slots and runs a shared start apart; scoring chunks by text. Files
-of earlier versions stay where they were, unread.)"""
+(2: generation decodes in slots and runs a shared start apart; scoring chunks by text.
+3: a scoring call shares a prefix per cluster of its groups, as `prefix_clusters` cuts them.
+Files of earlier versions stay where they were, unread.)"""
 
 
 class ScoreCache:

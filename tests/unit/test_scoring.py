@@ -324,3 +324,49 @@ def test_requests_are_encoded_together_exactly_as_one_by_one(lm):
     assert apart == [one_by_one(r, joint=False) for r in reqs]
     cut = reqs.index(Request("Answer: the la", "zy dog"))
     assert apart[cut][1] != lm._encode_pairs(reqs)[cut][1]
+
+
+def test_prefix_clusters_give_each_template_its_own_prefix():
+    """Groups sorted into runs that share a prefix: each template's demonstrations a cluster of
+    their own, groups that share little with anyone scored together without a prefix, and one
+    template's groups one cluster even where a few of them share a little more."""
+    from taskfit.models.scoring import prefix_clusters
+
+    demos = {t: [100 * t + i for i in range(1, 41)] for t in (1, 2, 3)}  # 40 tokens per template
+    groups, template = [], {}
+    for t in (1, 2, 3):
+        for q in range(10):
+            template[len(groups)] = t
+            groups.append(Group(demos[t] + [7, 8, 1000 + q], [[5], [6]]))
+    for q in range(4):  # zero-shot groups: nothing shared
+        template[len(groups)] = 0
+        groups.append(Group([2000 + q, 3, 4], [[5]]))
+    clusters = prefix_clusters(groups[::-1])  # the order given does not matter
+    by_template = {frozenset(template[len(groups) - 1 - i] for i in members): offset for members, offset in clusters}
+    assert by_template == {frozenset({1}): 42, frozenset({2}): 42, frozenset({3}): 42, frozenset({0}): 0}
+    assert sorted(i for members, _ in clusters for i in members) == list(range(len(groups)))
+    one = [Group(demos[1] + [7] * (20 if q < 2 else 0) + [1000 + q], [[5]]) for q in range(10)]
+    assert prefix_clusters(one) == [(list(range(10)), 40)]  # two groups sharing 20 more: not worth a call
+    assert prefix_clusters(one[:1]) == [([0], 0)] and prefix_clusters([]) == []
+
+
+def test_templates_scored_together_share_each_templates_demos(tiny_folder):
+    """An ensemble's call holds every template's requests: each template's demonstrations run
+    once (and are kept for the next call), and every score is what the template's requests
+    scored alone would give."""
+    templates = [DEMOS, DEMOS.replace("Question", "Q").replace("Answer", "A"), DEMOS.upper()]
+    reqs = [Request(d + r.context, r.continuation) for d in templates for r in requests()[:12]]
+    lm = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
+    alone = [lp for t in range(3) for lp in lm.loglikelihood(reqs[12 * t : 12 * (t + 1)])]
+    fresh = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
+    assert fresh.loglikelihood(reqs) == alone
+    assert fresh.scorer.tokens == lm.scorer.tokens  # each template's demonstrations once, as alone
+    heads = [len(fresh.tokenizer(d, add_special_tokens=False).input_ids) for d in templates]
+    assert fresh.scorer.tokens < sum(len(fresh._encode_pair(r.context, "")[0]) for r in reqs[::4])
+    first = fresh.scorer.tokens
+    assert fresh.loglikelihood(reqs) == alone  # the next chunk of the run, say
+    # the three prefixes were kept: not computed again (each is its demonstrations, give or take
+    # the separator's last token)
+    assert first - (fresh.scorer.tokens - first) >= sum(heads) - 2 * len(heads)
+    for req, lp in zip(reqs, alone):
+        assert lp == pytest.approx(naive(lm, req)[0], abs=1e-4)

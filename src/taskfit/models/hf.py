@@ -16,7 +16,7 @@ from taskfit.errors import TaskfitError
 from taskfit.models.base import GenerationRequest, Request
 from taskfit.models.generation import Generator
 from taskfit.models.registry import resolve
-from taskfit.models.scoring import Group, TreeScorer, shared_prefix_length
+from taskfit.models.scoring import Group, TreeScorer, prefix_clusters
 
 log = logging.getLogger(__name__)
 
@@ -164,24 +164,33 @@ class HFLM:
             groups.append(Group(list(ctx), [list(c) for c in conts]))
         for g in groups:
             self._fit(g)
-        offset = shared_prefix_length(groups)
+        clusters = prefix_clusters(groups)
         with self.precision.autocast(str(self.scorer.device)):
-            results = self.scorer.score(groups, offset)
-        self._recheck_close_calls(groups, results, offset)
+            results = self._score_clusters(groups, clusters)
+        self._recheck_close_calls(groups, results, clusters)
         return [results[i][j] for i, j in (slot[pair] for pair in pairs)]
 
-    def _recheck_close_calls(self, groups: list[Group], results: list, offset: int) -> None:
+    def _score_clusters(self, groups: list[Group], clusters: list[tuple[list[int], int]]) -> list:
+        """Each cluster's groups scored with its shared prefix, the results in the groups' order."""
+        results: list = [None] * len(groups)
+        for members, offset in clusters:
+            for i, scored in zip(members, self.scorer.score([groups[i] for i in members], offset)):
+                results[i] = scored
+        return results
+
+    def _recheck_close_calls(self, groups: list[Group], results: list, clusters: list) -> None:
         """Score again, in float32, the groups that bf16 autocast left with a near-tie at the top,
-        laid out with the call's shared prefix (`offset` tokens) as they were in it."""
+        each laid out with its cluster's shared prefix as it was in the call."""
         if not self.recheck_margin or self.precision.compute == self.precision.weights:
             return
-        close = [i for i, scored in enumerate(results) if _top_gap(scored) < self.recheck_margin]
+        close = {i for i, scored in enumerate(results) if _top_gap(scored) < self.recheck_margin}
         if not close:
             return
+        picked = [([i for i in members if i in close], offset) for members, offset in clusters]
         with torch.autocast(str(self.scorer.device).split(":")[0], enabled=False):
-            exact = self.scorer.score([groups[i] for i in close], offset)
-        for i, scored in zip(close, exact):
-            results[i] = scored
+            exact = self._score_clusters(groups, [(m, offset) for m, offset in picked if m])
+        for i in close:
+            results[i] = exact[i]
         self.rechecked += len(close)
 
     def generate(self, requests: list[GenerationRequest]) -> list[list[str]]:

@@ -7,9 +7,10 @@ answer strings of all labels). Each group becomes one row laid out as a small tr
 
 with a 4D attention mask in which each continuation sees the context and its own earlier
 tokens, never another continuation, and position ids that restart after the context for
-every continuation. A prefix shared by *all* groups (fixed few-shot demonstrations) is
-run once and reused as a key/value cache. The LM head runs only at the positions whose
-next-token log-probability is needed.
+every continuation. A prefix shared by the groups of a call (fixed few-shot demonstrations;
+with several templates, each template's own, see `prefix_clusters`) is run once and reused as a
+key/value cache. The LM head runs only at the positions whose next-token log-probability is
+needed.
 
 Token semantics follow lm-evaluation-harness: the continuation's score is the sum of
 log p(token | everything before) over its tokens; the final token of a continuation
@@ -28,6 +29,7 @@ import torch
 from taskfit.errors import TaskfitError
 
 MIN_SHARED_PREFIX = 16  # below this, a separate cached forward costs more than it saves
+MAX_PREFIX_DEPTH = 32  # how deep `prefix_clusters` looks into runs nested in runs
 
 
 @dataclass
@@ -55,6 +57,46 @@ def shared_prefix_length(groups: list[Group]) -> int:
     while n < limit and all(g.context[n] == first[n] for g in groups):
         n += 1
     return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def prefix_clusters(groups: list[Group]) -> list[tuple[list[int], int]]:
+    """The groups cut into clusters, each scored with its own shared prefix: (indices, prefix
+    length) per cluster. Sorted by context, the groups form nested runs that share a prefix; a
+    run gets a cluster of its own when its prefix is `MIN_SHARED_PREFIX` tokens longer than its
+    cluster's and that saves more tokens than running the prefix and two more forward passes
+    cost. One template's fixed demonstrations: one cluster; three templates with their own
+    demonstrations in one call: one cluster each; groups that share little: one, no prefix."""
+    order = sorted(range(len(groups)), key=lambda i: groups[i].context)
+    lcp = [_common_length(groups[a].context, groups[b].context) for a, b in zip(order, order[1:])]
+    clusters: list[tuple[list[int], int]] = []
+
+    def shared(lo: int, hi: int) -> int:  # what order[lo:hi] share, leaving each context a token of its own
+        return min(min(lcp[lo : hi - 1]), min(len(groups[order[i]].context) for i in range(lo, hi)) - 1)
+
+    def place(lo: int, hi: int, base: int, depth: int) -> list[int]:
+        """Clusters for the run order[lo:hi] of a cluster with prefix `base`; returns the groups that stay in it."""
+        inner = shared(lo, hi) if hi - lo > 1 else base
+        if inner - base >= MIN_SHARED_PREFIX and (hi - lo) * (inner - base) - inner > 2 * BATCH_OVERHEAD:
+            clusters.append((sorted(within(lo, hi, inner, depth)), inner))
+            return []
+        return within(lo, hi, base, depth)
+
+    def within(lo: int, hi: int, base: int, depth: int) -> list[int]:
+        """The run cut at its weakest links into smaller runs, each placed in turn."""
+        if hi - lo < 2 or depth > MAX_PREFIX_DEPTH:
+            return order[lo:hi]
+        weakest = min(lcp[lo : hi - 1])
+        cuts = [lo] + [b + 1 for b in range(lo, hi - 1) if lcp[b] == weakest] + [hi]
+        return [i for a, b in zip(cuts, cuts[1:]) for i in place(a, b, base, depth + 1)]
+
+    rest = place(0, len(groups), 0, 0)
+    if rest:
+        clusters.append((sorted(rest), 0))
+    return clusters
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def build_row(index: int, group: Group, offset: int) -> _Row:
@@ -95,6 +137,11 @@ weights (vocabulary x hidden) is small next to the product itself."""
 
 BATCH_OVERHEAD = 32
 """Fixed cost of one forward pass, in tokens: what a batch must save in padding to be split off."""
+
+PREFIX_TOKENS_KEPT = 4096
+"""Tokens of shared prefixes whose key/value caches are kept between calls, per autocast state
+(the latest is always kept): each template of an ensemble has its own, and every chunk of the
+run needs them again."""
 
 
 def output_transform(model) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -195,16 +242,24 @@ class TreeScorer:
 
     def _prefix_cache(self, prefix: list[int]):
         """The key/value cache of a shared prefix. The last ones computed are kept, per autocast
-        state: every chunk of a run with fixed demonstrations shares the same prefix. Whether a
-        prefix is shared never depends on this memory, so neither do the scores."""
+        state, up to `PREFIX_TOKENS_KEPT` tokens: every chunk of a run with fixed demonstrations
+        shares the same prefixes. Whether a prefix is shared never depends on this memory, so
+        neither do the scores."""
         key = prefix_key(prefix, self.device)
         if key not in self._prefixes:
             ids = torch.tensor([prefix], device=self.device)
             self.tokens += len(prefix)
             self.padded_tokens += len(prefix)
             output = self.body(input_ids=ids, use_cache=True)
-            self._prefixes = {k: v for k, v in self._prefixes.items() if k[1:] != key[1:]}  # one per state
+            kept, room = {}, PREFIX_TOKENS_KEPT - len(prefix)
+            for k in reversed(self._prefixes):  # the most recent first
+                if k[1:] != key[1:] or len(k[0]) <= room:
+                    kept[k] = self._prefixes[k]
+                    room -= len(k[0]) if k[1:] == key[1:] else 0
+            self._prefixes = dict(reversed(kept.items()))
             self._prefixes[key] = output.cache if self._cache_kw == "cache" else output.past_key_values
+        else:
+            self._prefixes[key] = self._prefixes.pop(key)  # now the most recent
         return self._prefixes[key]
 
     def _score_batch(self, batch: list[_Row], offset: int, prefix_kv) -> torch.Tensor:
