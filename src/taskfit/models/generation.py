@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from taskfit.models.base import GenerationRequest
-from taskfit.models.scoring import MIN_SHARED_PREFIX, expanded_cache, prefix_key
+from taskfit.models.scoring import MIN_SHARED_PREFIX, common_length, expanded_cache, prefix_key
 
 
 def validate(req: GenerationRequest) -> None:
@@ -202,7 +202,7 @@ token). A matrix product's rounding can change with its number of rows (on this 
 float32 products of 1-3 rows differ from those of 4 or more), so only these sizes are used, and
 sizes above the first only after `Generator.step_rows` has seen them give the same bits. On that
 CPU (default model) a step of 8, 16 or 32 rows takes 49, 52 or 66 ms in bf16 (82, 98 or 127 in
-float32): many rows decode faster in bigger steps (50 prompts x 8 samples: ~130 -> ~240
+float32): many rows decode faster in bigger steps (prompts with 8 samples each: ~130 -> ~240
 tokens/s in bf16, ~75 -> ~155 in float32), and a lone row is not made to pay for 31 dummies."""
 
 SLOT_MEMORY = 2 * 1024**3
@@ -484,7 +484,7 @@ class Generator:
         head = req.context[: req.shared]
         if self._head is None or self._head[0] != head:
             self._head = (head, self.tokenizer(head, add_special_tokens=False).input_ids)
-        n = next((i for i, (a, b) in enumerate(zip(self._head[1], ids)) if a != b), min(len(self._head[1]), len(ids)))
+        n = common_length(self._head[1], ids)
         n = min(n, len(ids) - 1)  # the prompt's last token runs with it: its logits are the first step's
         return n if n >= MIN_SHARED_PREFIX else 0
 

@@ -67,7 +67,7 @@ def prefix_clusters(groups: list[Group]) -> list[tuple[list[int], int]]:
     cost. One template's fixed demonstrations: one cluster; three templates with their own
     demonstrations in one call: one cluster each; groups that share little: one, no prefix."""
     order = sorted(range(len(groups)), key=lambda i: groups[i].context)
-    lcp = [_common_length(groups[a].context, groups[b].context) for a, b in zip(order, order[1:])]
+    lcp = [common_length(groups[a].context, groups[b].context) for a, b in zip(order, order[1:])]
     clusters: list[tuple[list[int], int]] = []
 
     def shared(lo: int, hi: int) -> int:  # what order[lo:hi] share, leaving each context a token of its own
@@ -95,7 +95,8 @@ def prefix_clusters(groups: list[Group]) -> list[tuple[list[int], int]]:
     return clusters
 
 
-def _common_length(a: list[int], b: list[int]) -> int:
+def common_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two token lists have in common."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
