@@ -370,3 +370,16 @@ def test_templates_scored_together_share_each_templates_demos(tiny_folder):
     assert first - (fresh.scorer.tokens - first) >= sum(heads) - 2 * len(heads)
     for req, lp in zip(reqs, alone):
         assert lp == pytest.approx(naive(lm, req)[0], abs=1e-4)
+
+
+def test_a_recheck_lays_out_each_templates_groups_as_the_float32_pass_would(tiny_folder, lm, monkeypatch):
+    """Under bf16 autocast with every group rechecked, an ensemble's call gives exactly the
+    float32 scores: each group is rechecked with its own template's prefix."""
+    from taskfit.models import hf
+
+    monkeypatch.setattr(hf, "cpu_has_native_bf16", lambda: True)
+    templates = [DEMOS, DEMOS.replace("Question", "Q").replace("Answer", "A"), DEMOS.upper()]
+    reqs = [Request(d + r.context, r.continuation) for d in templates for r in requests()[:12]]
+    always = HFLM.load(ModelConfig(name=str(tiny_folder), device="cpu", recheck_margin=1e9))
+    assert always.loglikelihood(reqs) == lm.loglikelihood(reqs)
+    assert always.rechecked == 9  # 3 questions x 3 templates
