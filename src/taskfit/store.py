@@ -69,21 +69,21 @@ class PredictionFile:
 
 
 def request_key(req: tuple) -> str:
-    """The cache key of a request: the hash of `context NUL continuation` for log-likelihood
-    requests, of the type and all fields for the others."""
+    """The cache key of a request: the hash of `context NUL continuation` (NUL `shared` where
+    it is not 0) for log-likelihood requests, of the type and all fields for the others."""
     if isinstance(req, Request):
-        text = f"{req.context}\x00{req.continuation}"
+        text = f"{req.context}\x00{req.continuation}" + (f"\x00{req.shared}" if req.shared else "")
     else:
         text = json.dumps([type(req).__name__, *req], ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-COMPUTATION = 3
+COMPUTATION = 4
 """How results are computed. Bump it with any change that moves the bits of a score or of a
 generated text (layouts, kernels, decoding): the cache file depends on it, so a run resumed
 after such a change recomputes everything instead of mixing results of two versions.
 (2: generation decodes in slots and runs a shared start apart; scoring chunks by text.
-3: a scoring call shares a prefix per cluster of its groups, as `prefix_clusters` cuts them.
+3, 4: scoring shares the start a request declares (`Request.shared`), not a call's common prefix.
 Files of earlier versions stay where they were, unread.)"""
 
 

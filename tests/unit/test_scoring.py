@@ -52,7 +52,7 @@ def test_tree_scores_equal_full_forward(lm):
 
 
 def test_shared_demo_prefix_is_cached_and_exact(lm):
-    reqs = [Request(DEMOS + r.context, r.continuation) for r in requests()[:8]]
+    reqs = [Request(DEMOS + r.context, r.continuation, len(DEMOS)) for r in requests()[:8]]
     groups = [Group(*lm._encode_pair(r.context, r.continuation)) for r in reqs[::4]]
     assert shared_prefix_length([Group(g.context, [g.continuations]) for g in groups]) >= MIN_SHARED_PREFIX
     got = lm.loglikelihood(reqs)
@@ -62,7 +62,7 @@ def test_shared_demo_prefix_is_cached_and_exact(lm):
 
 def mixed_requests() -> list[Request]:
     """Groups with and without the shared demonstrations, several continuation lengths."""
-    return requests() + [Request(DEMOS + r.context, r.continuation) for r in requests()]
+    return requests() + [Request(DEMOS + r.context, r.continuation, len(DEMOS)) for r in requests()]
 
 
 @pytest.mark.parametrize("batch_tokens", [1, 5, 33, 64, 300])
@@ -164,11 +164,14 @@ def test_autocast_scores_close_to_float32_and_keep_float32_weights(tiny_folder, 
 
 
 def test_batches_cover_every_row_once_within_the_budget_and_pad_little():
-    """The batch plan: every row once, longest first, under `batch_tokens` (a longer row alone),
-    and cheaper (padded tokens + per-batch overhead) than cutting greedily at `batch_tokens`."""
+    """The batch plan: every row once, longest first, each batch of one padded length (so a row
+    runs the same whatever its company), under `batch_tokens` (a longer row alone), and no more
+    batches than each padded length needs."""
+    import math
     import random
+    from collections import Counter
 
-    from taskfit.models.scoring import BATCH_OVERHEAD, TreeScorer, _Row
+    from taskfit.models.scoring import TreeScorer, _Row, padded_length
 
     rng = random.Random(0)
     rows = [_Row(i, [1] * rng.randint(5, 120), [], [], []) for i in range(150)] + [_Row(150, [1] * 700, [], [], [])]
@@ -176,19 +179,14 @@ def test_batches_cover_every_row_once_within_the_budget_and_pad_little():
     scorer.batch_tokens = 600
     batches = scorer._batches(rows)
     assert sorted(r.group for b in batches for r in b) == list(range(151))
-    padded = 0
     for batch in batches:
-        longest = max(len(r.tokens) for r in batch)
-        assert len(batch[0].tokens) == longest
-        assert longest * len(batch) <= scorer.batch_tokens or len(batch) == 1
-        padded += longest * len(batch)
-    greedy, batch, count = 0, [], 1
-    for row in sorted(rows, key=lambda r: -len(r.tokens)):
-        if batch and len(batch[0].tokens) * (len(batch) + 1) > scorer.batch_tokens:
-            greedy, batch, count = greedy + len(batch[0].tokens) * len(batch), [], count + 1
-        batch.append(row)
-    greedy += len(batch[0].tokens) * len(batch)
-    assert padded + BATCH_OVERHEAD * len(batches) < greedy + BATCH_OVERHEAD * count
+        (width,) = {padded_length(len(r.tokens)) for r in batch}
+        assert width % 4 == 0 and len(batch[0].tokens) == max(len(r.tokens) for r in batch)
+        assert width * len(batch) <= scorer.batch_tokens or len(batch) == 1
+    needed = Counter(padded_length(len(r.tokens)) for r in rows)
+    assert len(batches) == sum(math.ceil(n / max(1, 600 // w)) for w, n in needed.items())
+    padded = sum(padded_length(len(b[0].tokens)) * len(b) for b in batches)
+    assert padded < 1.1 * sum(len(r.tokens) for r in rows)
 
 
 def test_close_calls_are_rechecked_in_float32(tiny_folder, lm, monkeypatch):
@@ -219,7 +217,7 @@ def test_a_recheck_lays_out_its_groups_as_the_float32_pass_would(tiny_folder, lm
     from taskfit.models import hf
 
     monkeypatch.setattr(hf, "cpu_has_native_bf16", lambda: True)
-    reqs = [Request(DEMOS + r.context, r.continuation) for r in requests()]
+    reqs = [Request(DEMOS + r.context, r.continuation, len(DEMOS)) for r in requests()]
     exact = lm.loglikelihood(reqs)
     never = HFLM.load(ModelConfig(name=str(tiny_folder), device="cpu", recheck_margin=0))
     rounded = never.loglikelihood(reqs)
@@ -257,7 +255,7 @@ def test_architectures_that_change_their_logits_score_as_their_own_forward(archi
     must apply the same, with and without a shared demonstration prefix."""
     folder = build_tiny_model(tmp_path / architecture, architecture=architecture)
     lm = HFLM.load(ModelConfig(name=str(folder), dtype="float32", device="cpu"))
-    reqs = requests()[:4] + [Request(DEMOS + r.context, r.continuation) for r in requests()[4:8]]
+    reqs = requests()[:4] + [Request(DEMOS + r.context, r.continuation, len(DEMOS)) for r in requests()[4:8]]
     for req, (lp, greedy) in zip(reqs, lm.loglikelihood_greedy(reqs)):
         ref_lp, ref_greedy = naive(lm, req)
         assert lp == pytest.approx(ref_lp, abs=1e-4)
@@ -278,7 +276,7 @@ def test_shared_prefix_is_computed_once_across_calls_per_autocast_state(tiny_fol
     """Chunks of a run with fixed demonstrations share one prefix: its cache is kept between
     calls, one per autocast state (bf16 scores never reuse a float32 prefix, nor the reverse),
     and a kept prefix gives exactly the scores of a fresh one."""
-    reqs = [Request(DEMOS + r.context, r.continuation) for r in requests()[:12]]  # 3 questions, one prefix
+    reqs = [Request(DEMOS + r.context, r.continuation, len(DEMOS)) for r in requests()[:12]]  # 3 questions, one prefix
     fresh = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
     lm = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
     groups = [Group(*lm._encode_pair(r.context, r.continuation)) for r in reqs]
@@ -326,28 +324,21 @@ def test_requests_are_encoded_together_exactly_as_one_by_one(lm):
     assert apart[cut][1] != lm._encode_pairs(reqs)[cut][1]
 
 
-def test_prefix_clusters_give_each_template_its_own_prefix():
-    """Groups sorted into runs that share a prefix: each template's demonstrations a cluster of
-    their own, groups that share little with anyone scored together without a prefix, and one
-    template's groups one cluster even where a few of them share a little more."""
-    from taskfit.models.scoring import prefix_clusters
-
-    demos = {t: [100 * t + i for i in range(1, 41)] for t in (1, 2, 3)}  # 40 tokens per template
-    groups, template = [], {}
-    for t in (1, 2, 3):
-        for q in range(10):
-            template[len(groups)] = t
-            groups.append(Group(demos[t] + [7, 8, 1000 + q], [[5], [6]]))
-    for q in range(4):  # zero-shot groups: nothing shared
-        template[len(groups)] = 0
-        groups.append(Group([2000 + q, 3, 4], [[5]]))
-    clusters = prefix_clusters(groups[::-1])  # the order given does not matter
-    by_template = {frozenset(template[len(groups) - 1 - i] for i in members): offset for members, offset in clusters}
-    assert by_template == {frozenset({1}): 42, frozenset({2}): 42, frozenset({3}): 42, frozenset({0}): 0}
-    assert sorted(i for members, _ in clusters for i in members) == list(range(len(groups)))
-    one = [Group(demos[1] + [7] * (20 if q < 2 else 0) + [1000 + q], [[5]]) for q in range(10)]
-    assert prefix_clusters(one) == [(list(range(10)), 40)]  # two groups sharing 20 more: not worth a call
-    assert prefix_clusters(one[:1]) == [([0], 0)] and prefix_clusters([]) == []
+def test_a_score_does_not_depend_on_what_else_is_scored(lm):
+    """Where a row's cached prefix ends is its request's declared shared start: an example's
+    options score the same bits alone, beside other examples, beside another template's
+    examples or requests that declare nothing; without the declaration, the whole context runs
+    in the row."""
+    reqs = [Request(DEMOS + r.context, r.continuation, len(DEMOS)) for r in requests()]
+    other = [Request(DEMOS.upper() + r.context, r.continuation, len(DEMOS)) for r in requests()[:4]]
+    together = lm.loglikelihood(reqs)
+    examples = [reqs[i : i + 4] for i in range(0, 12, 4)] + [reqs[12:]]  # one context each, all its options
+    assert [lp for ex in examples for lp in lm.loglikelihood(ex)] == together
+    assert lm.loglikelihood(reqs[4:8] + other + requests())[:4] == together[4:8]
+    before = lm.scorer.tokens
+    plain = lm.loglikelihood([r._replace(shared=0) for r in reqs[:12]])  # three examples
+    assert lm.scorer.tokens - before >= 3 * len(lm.tokenizer(DEMOS, add_special_tokens=False).input_ids)
+    assert plain == pytest.approx(together[:12], abs=1e-4)
 
 
 def test_templates_scored_together_share_each_templates_demos(tiny_folder):
@@ -355,7 +346,7 @@ def test_templates_scored_together_share_each_templates_demos(tiny_folder):
     once (and are kept for the next call), and every score is what the template's requests
     scored alone would give."""
     templates = [DEMOS, DEMOS.replace("Question", "Q").replace("Answer", "A"), DEMOS.upper()]
-    reqs = [Request(d + r.context, r.continuation) for d in templates for r in requests()[:12]]
+    reqs = [Request(d + r.context, r.continuation, len(d)) for d in templates for r in requests()[:12]]
     lm = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
     alone = [lp for t in range(3) for lp in lm.loglikelihood(reqs[12 * t : 12 * (t + 1)])]
     fresh = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
@@ -379,7 +370,7 @@ def test_a_recheck_lays_out_each_templates_groups_as_the_float32_pass_would(tiny
 
     monkeypatch.setattr(hf, "cpu_has_native_bf16", lambda: True)
     templates = [DEMOS, DEMOS.replace("Question", "Q").replace("Answer", "A"), DEMOS.upper()]
-    reqs = [Request(d + r.context, r.continuation) for d in templates for r in requests()[:12]]
+    reqs = [Request(d + r.context, r.continuation, len(d)) for d in templates for r in requests()[:12]]
     always = HFLM.load(ModelConfig(name=str(tiny_folder), device="cpu", recheck_margin=1e9))
     assert always.loglikelihood(reqs) == lm.loglikelihood(reqs)
     assert always.rechecked == 9  # 3 questions x 3 templates

@@ -9,6 +9,11 @@ from typing import Any, NamedTuple, Protocol
 class Request(NamedTuple):
     context: str
     continuation: str
+    shared: int = 0
+    """How many leading characters of `context` every example of the run has (the chat header,
+    fixed demonstrations): the scorer computes them once and each request's own tokens after
+    them. Where that start ends moves scores at rounding level, so it belongs to the request: a
+    score never depends on what else is scored with it."""
 
 
 class GenerationRequest(NamedTuple):

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from taskfit.models.base import GenerationRequest
-from taskfit.models.scoring import MIN_SHARED_PREFIX, common_length, expanded_cache, prefix_key
+from taskfit.models.scoring import expanded_cache, prefix_key, shared_length
 
 
 def validate(req: GenerationRequest) -> None:
@@ -474,19 +474,15 @@ class Generator:
         )
 
     def _split(self, req: GenerationRequest, ids: list[int]) -> int:
-        """How many of the prompt's tokens are its shared start: as many leading tokens as the
-        prompt has in common with `req.context[:req.shared]` tokenized alone (a separator's blank
-        line is one token at the end of a text and two before a word, so the start may end a
-        token early), if at least `MIN_SHARED_PREFIX`, else 0 (a prompt cut from the left shares
-        none). A property of the request alone: a row computes the same whatever the call holds."""
+        """How many of the prompt's tokens are its shared start (`shared_length` of the prompt and
+        `req.context[:req.shared]` tokenized alone; none for a prompt cut from the left). A
+        property of the request alone: a row computes the same whatever the call holds."""
         if not 0 < req.shared < len(req.context):
             return 0
         head = req.context[: req.shared]
         if self._head is None or self._head[0] != head:
             self._head = (head, self.tokenizer(head, add_special_tokens=False).input_ids)
-        n = common_length(self._head[1], ids)
-        n = min(n, len(ids) - 1)  # the prompt's last token runs with it: its logits are the first step's
-        return n if n >= MIN_SHARED_PREFIX else 0
+        return shared_length(self._head[1], ids)
 
     def _prefix_cache(self, prefix: list[int]):
         """The key/value cache of a shared start, computed once per run: the latest is kept (per

@@ -16,7 +16,7 @@ from taskfit.errors import TaskfitError
 from taskfit.models.base import GenerationRequest, Request
 from taskfit.models.generation import Generator
 from taskfit.models.registry import resolve
-from taskfit.models.scoring import Group, TreeScorer, prefix_clusters
+from taskfit.models.scoring import Group, TreeScorer, shared_length
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ class HFLM:
         self.max_length = _max_length(model, tokenizer)
         self.truncated = 0
         """How many groups had their context cut from the left to fit `max_length`."""
+        self._heads: dict[str, list[int]] = {}  # shared starts' tokens, see `_shared_tokens`
         self.generator = Generator(model, tokenizer, self.max_length)
 
     @classmethod
@@ -151,24 +152,41 @@ class HFLM:
     def loglikelihood_greedy(self, requests: list[Request]) -> list[tuple[float, bool]]:
         """Log-likelihood and whether the continuation is the greedy one, per request.
 
-        Groups and their continuations are laid out in a canonical order (sorted token ids, each
-        pair once), so a score does not depend on the order or repetition of the requests."""
-        pairs = [(tuple(ctx), tuple(cont)) for ctx, cont in self._encode_pairs(requests)]
-        by_context: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
-        for ctx, cont in pairs:
-            by_context.setdefault(ctx, set()).add(cont)
-        groups, slot = [], {}
-        for i, ctx in enumerate(sorted(by_context)):
-            conts = sorted(by_context[ctx])
-            slot.update({(ctx, cont): (i, j) for j, cont in enumerate(conts)})
+        The start a request declares shared (`Request.shared`: fixed demonstrations) runs once
+        per call as a cached prefix, and each group's own tokens after it; groups and their
+        continuations are laid out in a canonical order (sorted token ids, each pair once). A
+        score therefore depends on neither the order, the repetition nor the company of the
+        requests: where a row's prefix ends is its request's own."""
+        keys = [
+            (tuple(ctx), self._shared_tokens(req, ctx), tuple(cont))
+            for req, (ctx, cont) in zip(requests, self._encode_pairs(requests))
+        ]
+        by_context: dict[tuple[tuple[int, ...], int], set[tuple[int, ...]]] = {}
+        for ctx, shared, cont in keys:
+            by_context.setdefault((ctx, shared), set()).add(cont)
+        groups, slot, offsets = [], {}, []
+        for i, (ctx, shared) in enumerate(sorted(by_context)):
+            conts = sorted(by_context[ctx, shared])
+            slot.update({(ctx, shared, cont): (i, j) for j, cont in enumerate(conts)})
             groups.append(Group(list(ctx), [list(c) for c in conts]))
-        for g in groups:
-            self._fit(g)
-        clusters = prefix_clusters(groups)
+            offsets.append(0 if self._fit(groups[-1]) else shared)  # a context cut from the left shares no start
+        clusters = _by_prefix(groups, offsets)
         with self.precision.autocast(str(self.scorer.device)):
             results = self._score_clusters(groups, clusters)
         self._recheck_close_calls(groups, results, clusters)
-        return [results[i][j] for i, j in (slot[pair] for pair in pairs)]
+        return [results[i][j] for i, j in (slot[key] for key in keys)]
+
+    def _shared_tokens(self, req: Request, ctx: list[int]) -> int:
+        """How many of the context's tokens are the start the request declares shared (see
+        `shared_length`); the start's own tokenization is kept for the next requests."""
+        if not 0 < req.shared < len(req.context):
+            return 0
+        head = req.context[: req.shared]
+        if head not in self._heads:
+            if len(self._heads) >= 64:  # a run has a few: one per template and demonstration set
+                self._heads.clear()
+            self._heads[head] = self.tokenizer(head, add_special_tokens=False).input_ids
+        return shared_length(self._heads[head], ctx)
 
     def _score_clusters(self, groups: list[Group], clusters: list[tuple[list[int], int]]) -> list:
         """Each cluster's groups scored with its shared prefix, the results in the groups' order."""
@@ -208,8 +226,8 @@ class HFLM:
     def _encode_pairs(self, requests: list[Request]) -> list[tuple[list[int], list[int]]]:
         return encode_pairs(self.tokenizer, [(r.context, r.continuation) for r in requests])
 
-    def _fit(self, group: Group) -> None:
-        """Cut the context from the left so the longest continuation fits the model."""
+    def _fit(self, group: Group) -> bool:
+        """Cut the context from the left so the longest continuation fits the model; True if cut."""
         longest = max((len(c) for c in group.continuations), default=0)
         excess = len(group.context) + longest - 1 - self.max_length
         if excess > 0:
@@ -219,6 +237,16 @@ class HFLM:
                 )
             group.context = group.context[excess:]
             self.truncated += 1
+            return True
+        return False
+
+
+def _by_prefix(groups: list[Group], offsets: list[int]) -> list[tuple[list[int], int]]:
+    """(indices, prefix length) per set of groups that share the same cached prefix (none: 0)."""
+    clusters: dict[tuple[int, ...], list[int]] = {}
+    for i, (group, n) in enumerate(zip(groups, offsets)):
+        clusters.setdefault(tuple(group.context[:n]), []).append(i)
+    return [(members, len(prefix)) for prefix, members in clusters.items()]
 
 
 def encode_pairs(tokenizer, pairs: list[tuple[str, str]], joint: bool = True) -> list[tuple[list[int], list[int]]]:

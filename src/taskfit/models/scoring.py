@@ -7,10 +7,9 @@ answer strings of all labels). Each group becomes one row laid out as a small tr
 
 with a 4D attention mask in which each continuation sees the context and its own earlier
 tokens, never another continuation, and position ids that restart after the context for
-every continuation. A prefix shared by the groups of a call (fixed few-shot demonstrations;
-with several templates, each template's own, see `prefix_clusters`) is run once and reused as a
-key/value cache. The LM head runs only at the positions whose next-token log-probability is
-needed.
+every continuation. A prefix shared by groups (fixed few-shot demonstrations: the start their
+requests declare shared, see `shared_length`) is run once and reused as a key/value cache. The
+LM head runs only at the positions whose next-token log-probability is needed.
 
 Token semantics follow lm-evaluation-harness: the continuation's score is the sum of
 log p(token | everything before) over its tokens; the final token of a continuation
@@ -20,6 +19,7 @@ is never fed to the model.
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +29,6 @@ import torch
 from taskfit.errors import TaskfitError
 
 MIN_SHARED_PREFIX = 16  # below this, a separate cached forward costs more than it saves
-MAX_PREFIX_DEPTH = 32  # how deep `prefix_clusters` looks into runs nested in runs
 
 
 @dataclass
@@ -59,40 +58,13 @@ def shared_prefix_length(groups: list[Group]) -> int:
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
-def prefix_clusters(groups: list[Group]) -> list[tuple[list[int], int]]:
-    """The groups cut into clusters, each scored with its own shared prefix: (indices, prefix
-    length) per cluster. Sorted by context, the groups form nested runs that share a prefix; a
-    run gets a cluster of its own when its prefix is `MIN_SHARED_PREFIX` tokens longer than its
-    cluster's and that saves more tokens than running the prefix and two more forward passes
-    cost. One template's fixed demonstrations: one cluster; three templates with their own
-    demonstrations in one call: one cluster each; groups that share little: one, no prefix."""
-    order = sorted(range(len(groups)), key=lambda i: groups[i].context)
-    lcp = [common_length(groups[a].context, groups[b].context) for a, b in zip(order, order[1:])]
-    clusters: list[tuple[list[int], int]] = []
-
-    def shared(lo: int, hi: int) -> int:  # what order[lo:hi] share, leaving each context a token of its own
-        return min(min(lcp[lo : hi - 1]), min(len(groups[order[i]].context) for i in range(lo, hi)) - 1)
-
-    def place(lo: int, hi: int, base: int, depth: int) -> list[int]:
-        """Clusters for the run order[lo:hi] of a cluster with prefix `base`; returns the groups that stay in it."""
-        inner = shared(lo, hi) if hi - lo > 1 else base
-        if inner - base >= MIN_SHARED_PREFIX and (hi - lo) * (inner - base) - inner > 2 * BATCH_OVERHEAD:
-            clusters.append((sorted(within(lo, hi, inner, depth)), inner))
-            return []
-        return within(lo, hi, base, depth)
-
-    def within(lo: int, hi: int, base: int, depth: int) -> list[int]:
-        """The run cut at its weakest links into smaller runs, each placed in turn."""
-        if hi - lo < 2 or depth > MAX_PREFIX_DEPTH:
-            return order[lo:hi]
-        weakest = min(lcp[lo : hi - 1])
-        cuts = [lo] + [b + 1 for b in range(lo, hi - 1) if lcp[b] == weakest] + [hi]
-        return [i for a, b in zip(cuts, cuts[1:]) for i in place(a, b, base, depth + 1)]
-
-    rest = place(0, len(groups), 0, 0)
-    if rest:
-        clusters.append((sorted(rest), 0))
-    return clusters
+def shared_length(head: list[int], ids: list[int]) -> int:
+    """How many of a context's tokens `ids` run as its shared start, given the start's own
+    tokenization `head`: the tokens both have in common (a separator's blank line is one token at
+    the end of a text and two before a word, so the start may end a token early), not the last
+    (its logits are needed), and at least `MIN_SHARED_PREFIX`, else none."""
+    n = min(common_length(head, ids), len(ids) - 1)
+    return n if n >= MIN_SHARED_PREFIX else 0
 
 
 def common_length(a: list[int], b: list[int]) -> int:
@@ -136,8 +108,15 @@ HEAD_ROWS = 128
 """Positions per LM-head call (see `TreeScorer._head_logprobs`): enough that reading the head's
 weights (vocabulary x hidden) is small next to the product itself."""
 
-BATCH_OVERHEAD = 32
-"""Fixed cost of one forward pass, in tokens: what a batch must save in padding to be split off."""
+PAD_TO = 4
+"""A row runs padded to its length rounded up to this, whatever else is in its batch (a batch
+holds rows of one padded length): attention's rounding follows the padded length, so a row's
+scores then depend on the row alone."""
+
+
+def padded_length(n: int) -> int:
+    return -(-n // PAD_TO) * PAD_TO
+
 
 PREFIX_TOKENS_KEPT = 4096
 """Tokens of shared prefixes whose key/value caches are kept between calls, per autocast state
@@ -222,24 +201,16 @@ class TreeScorer:
         return out
 
     def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
-        """Rows sorted by length, cut into the batches that cost least: each batch costs its padded
-        size (rows x longest row) plus `BATCH_OVERHEAD` tokens' worth of fixed cost, and stays
-        within `batch_tokens`. (Cutting greedily at `batch_tokens` padded ~25% of the tokens.)"""
+        """Rows sorted by length (longest first) and cut into batches of one `padded_length`
+        each, as many rows as `batch_tokens` holds at that length (a longer row alone): every
+        row of a batch costs the same, so no other cut pads less."""
         order = sorted(rows, key=lambda r: (-len(r.tokens), r.group))
-        n, inf = len(order), float("inf")
-        cost, cut = [0.0] + [inf] * n, [0] * (n + 1)  # best cost of the first i rows; where its last batch starts
-        for i in range(1, n + 1):
-            for j in range(i - 1, -1, -1):  # last batch = order[j:i], longest row first
-                padded = len(order[j].tokens) * (i - j)
-                if padded > self.batch_tokens and j < i - 1:
-                    break
-                if cost[j] + padded + BATCH_OVERHEAD < cost[i]:
-                    cost[i], cut[i] = cost[j] + padded + BATCH_OVERHEAD, j
-        batches, i = [], n
-        while i > 0:
-            batches.append(order[cut[i] : i])
-            i = cut[i]
-        return batches[::-1]
+        batches = []
+        for width, same in itertools.groupby(order, key=lambda r: padded_length(len(r.tokens))):
+            alike = list(same)
+            per = max(1, self.batch_tokens // width)
+            batches += [alike[k : k + per] for k in range(0, len(alike), per)]
+        return batches
 
     def _prefix_cache(self, prefix: list[int]):
         """The key/value cache of a shared prefix. The last ones computed are kept, per autocast
@@ -266,7 +237,7 @@ class TreeScorer:
     def _score_batch(self, batch: list[_Row], offset: int, prefix_kv) -> torch.Tensor:
         """The body's last hidden states (B, T, d) of a batch of rows."""
         lengths = [len(r.tokens) for r in batch]
-        b, t = len(batch), max(lengths)
+        b, t = len(batch), padded_length(max(lengths))
         self.tokens += sum(lengths)
         self.padded_tokens += b * t
         # Laid out in numpy, one row at a time, then turned into tensors at once (per-row torch

@@ -82,7 +82,8 @@ class GenerateStrategy:
                 if picks[i][s] is None or self.cfg.vote == "mean_prob":
                     head = generation_prompt(ctx) + text.rstrip() + joiner
                     out[i, s] = [
-                        [Request(head, a + ctx.rendered.after) for a in strings] for strings in self.builder.options(ex)
+                        [Request(head, a + ctx.rendered.after, ctx.shared) for a in strings]
+                        for strings in self.builder.options(ex)
                     ]
         return out
 

@@ -38,7 +38,7 @@ class ScorePrompt:
     def query(self, example: Example) -> Query:
         ctx = self.builder.context(example)
         options = self.builder.options(example)
-        requests = [[Request(ctx.text, s + ctx.rendered.after) for s in strings] for strings in options]
+        requests = [[Request(ctx.text, s + ctx.rendered.after, ctx.shared) for s in strings] for strings in options]
         if any(r.continuation == "" for reqs in requests for r in reqs):
             raise TaskfitError(f"{example.source}: an answer option is empty, so there is nothing to score.")
         return Query(example, ctx.text, requests)
