@@ -83,7 +83,8 @@ COMPUTATION = 4
 generated text (layouts, kernels, decoding): the cache file depends on it, so a run resumed
 after such a change recomputes everything instead of mixing results of two versions.
 (2: generation decodes in slots and runs a shared start apart; scoring chunks by text.
-3, 4: scoring shares the start a request declares (`Request.shared`), not a call's common prefix.
+3: prefixes per cluster of a call's groups (replaced); 4: scoring shares the start a request
+declares (`Request.shared`), not a call's common prefix.
 Files of earlier versions stay where they were, unread.)"""
 
 

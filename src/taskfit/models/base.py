@@ -12,8 +12,8 @@ class Request(NamedTuple):
     shared: int = 0
     """How many leading characters of `context` every example of the run has (the chat header,
     fixed demonstrations): the scorer computes them once and each request's own tokens after
-    them. Where that start ends moves scores at rounding level, so it belongs to the request: a
-    score never depends on what else is scored with it."""
+    them. Where that start ends moves scores at rounding level, so it belongs to the request,
+    not to the call it is scored in."""
 
 
 class GenerationRequest(NamedTuple):
