@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from taskfit.models.base import GenerationRequest
-from taskfit.models.scoring import expanded_cache, prefix_key, shared_length
+from taskfit.models.scoring import SharedStarts, expanded_cache, prefix_key
 
 
 def validate(req: GenerationRequest) -> None:
@@ -359,7 +359,8 @@ class Generator:
 
     def __post_init__(self):
         self._prefix: tuple[tuple, object] | None = None  # see `_prefix_cache`
-        self._head: tuple[str, list[int]] | None = None  # the latest shared start's text and tokens
+        self.starts = SharedStarts(self.tokenizer)
+        """Where each request's declared shared start ends in its prompt's tokens."""
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -477,12 +478,7 @@ class Generator:
         """How many of the prompt's tokens are its shared start (`shared_length` of the prompt and
         `req.context[:req.shared]` tokenized alone; none for a prompt cut from the left). A
         property of the request alone: a row computes the same whatever the call holds."""
-        if not 0 < req.shared < len(req.context):
-            return 0
-        head = req.context[: req.shared]
-        if self._head is None or self._head[0] != head:
-            self._head = (head, self.tokenizer(head, add_special_tokens=False).input_ids)
-        return shared_length(self._head[1], ids)
+        return self.starts.length(req.context, req.shared, ids)
 
     def _prefix_cache(self, prefix: list[int]):
         """The key/value cache of a shared start, computed once per run: the latest is kept (per

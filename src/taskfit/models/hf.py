@@ -16,7 +16,7 @@ from taskfit.errors import TaskfitError
 from taskfit.models.base import GenerationRequest, Request
 from taskfit.models.generation import Generator
 from taskfit.models.registry import resolve
-from taskfit.models.scoring import Group, TreeScorer, shared_length
+from taskfit.models.scoring import Group, SharedStarts, TreeScorer
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,8 @@ class HFLM:
         self.max_length = _max_length(model, tokenizer)
         self.truncated = 0
         """How many groups had their context cut from the left to fit `max_length`."""
-        self._heads: dict[str, list[int]] = {}  # shared starts' tokens, see `_shared_tokens`
+        self.starts = SharedStarts(tokenizer)
+        """Where each request's declared shared start ends in its tokens."""
         self.generator = Generator(model, tokenizer, self.max_length)
 
     @classmethod
@@ -158,7 +159,7 @@ class HFLM:
         score therefore depends on neither the order, the repetition nor the company of the
         requests: where a row's prefix ends is its request's own."""
         keys = [
-            (tuple(ctx), self._shared_tokens(req, ctx), tuple(cont))
+            (tuple(ctx), self.starts.length(req.context, req.shared, ctx), tuple(cont))
             for req, (ctx, cont) in zip(requests, self._encode_pairs(requests))
         ]
         by_context: dict[tuple[tuple[int, ...], int], set[tuple[int, ...]]] = {}
@@ -175,18 +176,6 @@ class HFLM:
             results = self._score_clusters(groups, clusters)
         self._recheck_close_calls(groups, results, clusters)
         return [results[i][j] for i, j in (slot[key] for key in keys)]
-
-    def _shared_tokens(self, req: Request, ctx: list[int]) -> int:
-        """How many of the context's tokens are the start the request declares shared (see
-        `shared_length`); the start's own tokenization is kept for the next requests."""
-        if not 0 < req.shared < len(req.context):
-            return 0
-        head = req.context[: req.shared]
-        if head not in self._heads:
-            if len(self._heads) >= 64:  # a run has a few: one per template and demonstration set
-                self._heads.clear()
-            self._heads[head] = self.tokenizer(head, add_special_tokens=False).input_ids
-        return shared_length(self._heads[head], ctx)
 
     def _score_clusters(self, groups: list[Group], clusters: list[tuple[list[int], int]]) -> list:
         """Each cluster's groups scored with its shared prefix, the results in the groups' order."""

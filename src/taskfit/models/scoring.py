@@ -66,6 +66,29 @@ def shared_length(head: list[int], ids: list[int]) -> int:
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
+class SharedStarts:
+    """How many of a context's tokens are the shared start its request declares (`Request.shared`,
+    `GenerationRequest.shared`; see `shared_length`), each start's own tokenization kept: a run
+    has a few, one per template and demonstration set."""
+
+    KEEP = 64
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._tokens: dict[str, list[int]] = {}
+
+    def length(self, context: str, shared: int, ids: list[int]) -> int:
+        """Of `ids`, the tokens of `context`, how many run as its first `shared` characters."""
+        if not 0 < shared < len(context):
+            return 0
+        head = context[:shared]
+        if head not in self._tokens:
+            if len(self._tokens) >= self.KEEP:
+                self._tokens.clear()
+            self._tokens[head] = self.tokenizer(head, add_special_tokens=False).input_ids
+        return shared_length(self._tokens[head], ids)
+
+
 def common_length(a: list[int], b: list[int]) -> int:
     """How many leading tokens two token lists have in common."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
