@@ -67,7 +67,7 @@ def test_prefix_prompt_splits_at_the_slot(write_yaml):
     q = sp.query(task.split("test")[0])
     context = f"Question: {KIM}\nAnswer: "
     assert q.prompt == context
-    assert q.requests == [[Request(context, "sad")], [Request(context, "excited")], [Request(context, "proud")]]
+    assert q.requests == [[Request(context, answer, len("Question: "))] for answer in ("sad", "excited", "proud")]
 
 
 def test_cloze_prompt_puts_the_rest_in_the_continuation(write_yaml):
@@ -81,7 +81,8 @@ def test_classification_options_are_label_names_by_default(write_yaml):
     sp, task = build(write_yaml, CLS_HEAD, template='"Review: {{ text }}\\nSentiment: {{ answer }}"')
     q = sp.query(task.split("test")[1])
     context = "Review: The remote broke after one week. Very poor quality.\nSentiment: "
-    assert q.requests == [[Request(context, "negative")], [Request(context, "neutral")], [Request(context, "positive")]]
+    labels = ("negative", "neutral", "positive")
+    assert q.requests == [[Request(context, label, len("Review: "))] for label in labels]
 
 
 def test_field_named_answer_is_reachable_as_example_answer(write_yaml):
@@ -368,19 +369,25 @@ def test_chat_wraps_the_prompt_as_a_user_turn(write_yaml, fake_lm):
 
 @pytest.mark.parametrize("chat", [False, True])
 def test_fixed_demos_are_the_shared_start_of_every_context(write_yaml, fake_lm, chat):
-    """A context's `shared` start (what generation computes once per run) runs through the fixed
-    demonstrations, after the chat header; it is the same text for every example."""
+    """A context's `shared` start (what scoring and generation compute once per run) runs through
+    the chat header, the fixed demonstrations and the template's literal start; it is the same
+    text for every example."""
     from taskfit.prompting.builder import shared_start
 
     template = '"Question: {{ question }}\\nAnswer: {{ answer }}"'
+    header = "<user>" if chat else ""
     sp, task = build(write_yaml, template=template, shots=2, chat=str(chat).lower(), chat_fn=fake_lm().chat)
     contexts = [sp.builder.context(ex) for ex in task.split("test")]
     demos = sp.builder.demo_text(task.split("test")[0])
     starts = {c.text[: c.shared] for c in contexts}
-    assert starts == {("<user>" if chat else "") + demos} and len(contexts) > 1
-    zero, _ = build(write_yaml, template=template)
-    assert zero.builder.context(task.split("test")[0]).shared == 0
-    assert shared_start("demos + question", "demos", fixed=False) == 0  # `similar`: drawn per example
+    assert starts == {header + demos + "Question: "} and len(contexts) > 1
+    zero, _ = build(write_yaml, template=template, chat=str(chat).lower(), chat_fn=fake_lm().chat)
+    assert {c.text[: c.shared] for c in map(zero.builder.context, task.split("test"))} == {header + "Question: "}
+    # `similar` demonstrations are drawn per example: only a chat header is shared
+    assert shared_start("<user>demos + question", "demos + question", "demos", "", fixed=False) == 6
+    assert shared_start("demos + question", "demos + question", "demos", "", fixed=False) == 0
+    # a lead the text does not continue with (a chat template that rewrote it) is not claimed
+    assert shared_start("demos + Q: x", "demos + Q: x", "demos + ", "A: ", fixed=True) == 8
 
 
 def test_chat_end_to_end_uses_lm_chat(project, write_yaml, fake_lm, read_jsonl):

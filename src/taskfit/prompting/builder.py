@@ -31,15 +31,21 @@ class Context:
     """Everything the model reads before the answer: demos, the example, chat wrapping."""
     rendered: Rendered
     shared: int = 0
-    """How many leading characters of `text` every example of the run has: the chat header and
-    the demonstrations when they are fixed (see `shared_start`)."""
+    """How many leading characters of `text` every example of the run has: the chat header, and
+    the demonstrations and the template's literal start when the demonstrations are fixed (see
+    `shared_start`)."""
 
 
-def shared_start(text: str, demos: str, fixed: bool) -> int:
-    """The length of `text`'s start through `demos` (fixed demonstrations, after whatever chat
-    header precedes them), or 0 where the demonstrations are drawn per example or absent."""
-    at = text.find(demos) if fixed and demos else -1
-    return at + len(demos) if at >= 0 else 0
+def shared_start(text: str, body: str, demos: str, lead: str, fixed: bool) -> int:
+    """The length of `text`'s start that every example of the run has: whatever chat header
+    precedes `body` (the prompt's own text, which starts with `demos`), then, where the
+    demonstrations are fixed, the demonstrations and the template's literal `lead`
+    ("Question: "); 0 where the body cannot be found in `text`."""
+    at = text.find(body) if body else -1
+    if at < 0 or not fixed:
+        return max(at, 0)
+    end = at + len(demos)
+    return end + len(lead) if text.startswith(lead, end) else end
 
 
 def generation_request(
@@ -141,11 +147,14 @@ class PromptBuilder:
     def assemble(self, demos: str, rendered: Rendered, tail: str = "") -> Context:
         """The context of rendered demonstrations and an example's rendered template (then
         `tail`), wrapped as the user's turn under `chat`, with its shared start."""
-        text = demos + rendered.before + tail
+        body = demos + rendered.before + tail
+        text = body
         if self.cfg.chat:
             # The whole prompt is the user's turn; the answer starts the assistant's reply.
-            text = self._chat(text.rstrip()) if self._chat else text.rstrip()
-        return Context(text, rendered, shared_start(text, demos, fixed=self._fixed is not None))
+            body = body.rstrip()
+            text = self._chat(body) if self._chat else body
+        lead = self.template.lead
+        return Context(text, rendered, shared_start(text, body, demos, lead, fixed=self._fixed is not None))
 
     @property
     def reasoning_to_answer(self) -> str:

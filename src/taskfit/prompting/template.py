@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jinja2
+from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from taskfit.data import Example
@@ -39,6 +40,9 @@ class Template:
             self._template = _ENV.from_string(source)
         except jinja2.TemplateSyntaxError as exc:
             raise TaskfitError(f"{where}: template syntax error on its line {exc.lineno}: {exc.message}.") from None
+        self.lead = _lead(_ENV.parse(source))
+        """The literal text every rendering starts with, before the first variable or tag
+        ("Question: "); empty where the template starts with one."""
 
     def render(self, example: Example) -> Rendered:
         variables: dict[str, Any] = dict(example.fields)
@@ -62,6 +66,13 @@ class Template:
                 f"(found it {len(parts) - 1} times)."
             )
         return Rendered(parts[0], parts[1])
+
+
+def _lead(tree: nodes.Template) -> str:
+    first = tree.body[0] if tree.body else None
+    if isinstance(first, nodes.Output) and first.nodes and isinstance(first.nodes[0], nodes.TemplateData):
+        return first.nodes[0].data
+    return ""
 
 
 def render_plain(source: str, variables: dict[str, Any], where: str) -> str:
