@@ -78,14 +78,15 @@ def request_key(req: tuple) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-COMPUTATION = 5
+COMPUTATION = 6
 """How results are computed. Bump it with any change that moves the bits of a score or of a
 generated text (layouts, kernels, decoding): the cache file depends on it, so a run resumed
 after such a change recomputes everything instead of mixing results of two versions.
 (2: generation decodes in slots and runs a shared start apart; scoring chunks by text.
 3: prefixes per cluster of a call's groups (replaced); 4: scoring shares the start a request
 declares (`Request.shared`), not a call's common prefix; 5: that start also holds a chat
-header without fixed demonstrations and the template's literal start.
+header without fixed demonstrations and the template's literal start; 6: each row's attention
+runs at its own length rounded up to 4.
 Files of earlier versions stay where they were, unread.)"""
 
 

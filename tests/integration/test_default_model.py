@@ -16,7 +16,7 @@ import torch
 import taskfit
 from taskfit.config import ModelConfig
 from taskfit.models.base import Request
-from taskfit.models.hf import HFLM
+from taskfit.models.hf import HFLM, Precision
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 pytestmark = pytest.mark.slow
@@ -56,6 +56,28 @@ def test_real_model_scores_do_not_depend_on_batch_size(default_lm_float32):
         for a in ["yes", "no"]
     ]
     assert small.loglikelihood(reqs) == default_lm_float32.loglikelihood(reqs)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_real_model_scores_do_not_depend_on_the_other_examples(default_lm_float32, autocast):
+    """Five-shot items of different lengths: each example's scores are the same bits alone, with
+    the others, and in smaller batches (each row's attention runs at its own width; the
+    demonstrations' cache ends where each request says), in float32 and under bf16 autocast."""
+    lines = (EXAMPLES / "siqa_train.jsonl").read_text().splitlines()
+    items = [json.loads(line) for line in lines]
+    demos = "".join(f"Question: {d['question']}\nAnswer: {d['choices'][d['answer']]}\n\n" for d in items[:5])
+    examples = [
+        [Request(f"{demos}Question: {d['question']}\nAnswer:", f" {c}", len(demos) + 10) for c in d["choices"]]
+        for d in items[5:17]
+    ]
+    base = default_lm_float32
+    precision = Precision(torch.float32, torch.bfloat16 if autocast else torch.float32)
+    lm, small = (HFLM(base.model, base.tokenizer, {}, size, precision) for size in (4096, 200))
+    together = lm.loglikelihood([r for ex in examples for r in ex])
+    alone = [lp for ex in examples for lp in lm.loglikelihood(ex)]
+    in_small_batches = small.loglikelihood([r for ex in examples for r in ex])
+    assert alone == together
+    assert in_small_batches == together
 
 
 def test_classification_on_bbc_news(tmp_path, default_lm_float32):

@@ -376,3 +376,53 @@ def test_a_recheck_lays_out_each_templates_groups_as_the_float32_pass_would(tiny
     always = HFLM.load(ModelConfig(name=str(tiny_folder), device="cpu", recheck_margin=1e9))
     assert always.loglikelihood(reqs) == lm.loglikelihood(reqs)
     assert always.rechecked == 9  # 3 questions x 3 templates
+
+
+def test_rows_attend_at_their_own_width_whatever_their_batch():
+    """`_bucketed_attention` hands the model's attention each run of rows of one width (length
+    rounded up to 4), cut or zero-padded to it after the cached prefix, so a row's attention has
+    the same shapes alone and in any batch; the batch's padding after a row gets zeros."""
+    from taskfit.models import scoring
+
+    assert scoring.attention_spans([9, 8, 5, 4, 1]) == [(0, 1, 12), (1, 3, 8), (3, 5, 4)]
+    seen = []
+
+    def inner(module, q, k, v, m, **kwargs):
+        seen.append((q.shape[0], q.shape[2], k.shape[2], m.shape[-2:], kwargs))
+        return q.transpose(1, 2) + 1, None
+
+    rows, heads, t, prefix = 3, 2, 6, 5
+    query = torch.randn(rows, heads, t, 4)
+    key = value = torch.randn(rows, 1, prefix + t, 4)
+    mask = torch.zeros(rows, 1, t, prefix + t)
+    token = scoring._BUCKETS.set(scoring._Buckets(inner, scoring.attention_spans([6, 5, 3])))
+    try:
+        out, _ = scoring._bucketed_attention(None, query, key, value, mask, scaling=0.5)
+    finally:
+        scoring._BUCKETS.reset(token)
+    assert seen == [
+        (2, 8, prefix + 8, (8, prefix + 8), {"scaling": 0.5}),
+        (1, 4, prefix + 4, (4, prefix + 4), {"scaling": 0.5}),
+    ]
+    assert out.shape == (rows, t, heads, 4)
+    assert torch.equal(out[:2], query[:2].transpose(1, 2) + 1)
+    assert torch.equal(out[2, :4], query[2, :, :4].transpose(0, 1) + 1) and not out[2, 4:].any()
+
+
+def test_every_layer_attends_through_the_buckets_and_the_model_keeps_its_attention(lm, monkeypatch):
+    from taskfit.models import scoring
+
+    plans = []
+    real = scoring._Buckets
+
+    def record(*args):
+        plans.append(real(*args))
+        return plans[-1]
+
+    monkeypatch.setattr(scoring, "_Buckets", record)
+    before = lm.model.config._attn_implementation
+    scores = lm.loglikelihood(mixed_requests())
+    assert plans and all(p.calls == lm.model.config.num_hidden_layers for p in plans)
+    assert lm.model.config._attn_implementation == before == "sdpa"
+    for req, lp in zip(mixed_requests()[::5], scores[::5]):
+        assert lp == pytest.approx(naive(lm, req)[0], abs=1e-4)

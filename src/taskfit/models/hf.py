@@ -157,7 +157,8 @@ class HFLM:
         per call as a cached prefix, and each group's own tokens after it; groups and their
         continuations are laid out in a canonical order (sorted token ids, each pair once). A
         score therefore depends on neither the order, the repetition nor the company of the
-        requests: where a row's prefix ends is its request's own."""
+        requests: where a row's prefix ends is its request's own, and its attention runs at its own
+        width (see `scoring.attention_spans`)."""
         keys = [
             (tuple(ctx), self.starts.length(req.context, req.shared, ctx), tuple(cont))
             for req, (ctx, cont) in zip(requests, self._encode_pairs(requests))

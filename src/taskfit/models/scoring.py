@@ -18,12 +18,15 @@ is never fed to the model.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from taskfit.errors import TaskfitError
 
@@ -132,6 +135,91 @@ weights (vocabulary x hidden) is small next to the product itself."""
 
 BATCH_OVERHEAD = 32
 """Fixed cost of one forward pass, in tokens: what a batch must save in padding to be split off."""
+
+ATTENTION_WIDTH = 4
+"""Each row's attention runs over its own length rounded up to this, whatever its batch's longest
+row (see `_bucketed_attention`)."""
+
+BUCKETED_ATTENTION = "taskfit_buckets"
+"""Name under which `_bucketed_attention` is registered in transformers' attention interface."""
+
+
+@dataclass
+class _Buckets:
+    """What `_bucketed_attention` needs to know during one batch."""
+
+    inner: Callable  # the model's own attention function (transformers' sdpa, ...)
+    spans: list[tuple[int, int, int]]  # (first row, end row, attention width) of each run of rows alike
+    calls: int = 0
+
+
+_BUCKETS: contextvars.ContextVar[_Buckets | None] = contextvars.ContextVar("taskfit_buckets", default=None)
+
+
+def attention_spans(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """(first row, end row, width) per run of consecutive rows whose lengths round up, to a
+    multiple of `ATTENTION_WIDTH`, to the same width."""
+    spans: list[tuple[int, int, int]] = []
+    for i, n in enumerate(lengths):
+        width = -(-max(n, 1) // ATTENTION_WIDTH) * ATTENTION_WIDTH
+        if spans and spans[-1][2] == width:
+            spans[-1] = (spans[-1][0], i + 1, width)
+        else:
+            spans.append((i, i + 1, width))
+    return spans
+
+
+def _bucketed_attention(module, query, key, value, attention_mask, **kwargs):
+    """The model's own attention, run per span of rows of one width (`attention_spans`), each
+    row's queries and keys cut (or zero-padded) to that width after the cached prefix: a row's
+    attention has the same shapes, so the same rounding, in any batch (the kernels round
+    differently at other key lengths: up to ~2e-5 on the default model's five-shot scores). The
+    padding a batch adds after a row gets zeros, which no real position reads. Returns
+    (rows, length, heads, head dim), as transformers' attention functions do."""
+    plan = _BUCKETS.get()
+    plan.calls += 1
+    rows, heads, t, dim = query.shape
+    prefix = key.shape[2] - t
+    out = None
+    for start, end, width in plan.spans:
+        q, k, v, m = query[start:end], key[start:end], value[start:end], attention_mask[start:end]
+        if width > t:  # the batch's longest rows: padded here, not in the layers around attention
+            extra = width - t
+            q, k, v = (F.pad(x, (0, 0, 0, extra)) for x in (q, k, v))
+            m = F.pad(m, (0, extra, 0, extra), value=torch.finfo(m.dtype).min)
+        else:
+            keys = prefix + width
+            q, k, v, m = q[:, :, :width], k[:, :, :keys], v[:, :, :keys], m[..., :width, :keys]
+        o, _ = plan.inner(module, q, k, v, m, **kwargs)
+        if out is None:
+            out = o.new_zeros(rows, t, heads, dim)
+        out[start:end, : min(width, t)] = o[:, : min(width, t)]
+    return out, None
+
+
+@contextlib.contextmanager
+def bucketed_attention(model, lengths: list[int]) -> Iterator[None]:
+    """Within: the model's attention runs through `_bucketed_attention` for rows of `lengths`,
+    where its attention is one of transformers' registered functions (sdpa, flash, flex; not
+    eager, which lives in each model's code: then as it is)."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    config = model.config
+    before = getattr(config, "_attn_implementation", None)
+    if before not in ALL_ATTENTION_FUNCTIONS or before == BUCKETED_ATTENTION:
+        yield
+        return
+    if BUCKETED_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(BUCKETED_ATTENTION, _bucketed_attention)
+    token = _BUCKETS.set(_Buckets(ALL_ATTENTION_FUNCTIONS[before], attention_spans(lengths)))
+    config._attn_implementation = BUCKETED_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+        _BUCKETS.reset(token)
+
 
 PREFIX_TOKENS_KEPT = 4096
 """Tokens of shared prefixes whose key/value caches are kept between calls, per autocast state
@@ -280,13 +368,14 @@ class TreeScorer:
         kwargs = {}
         if prefix_kv is not None:
             kwargs[self._cache_kw] = expanded_cache(prefix_kv, b)
-        return self.body(
-            input_ids=ids.to(self.device),
-            position_ids=pos.to(self.device),
-            attention_mask=mask.to(self.device),
-            use_cache=False,
-            **kwargs,
-        ).last_hidden_state
+        with bucketed_attention(self.model, lengths):
+            return self.body(
+                input_ids=ids.to(self.device),
+                position_ids=pos.to(self.device),
+                attention_mask=mask.to(self.device),
+                use_cache=False,
+                **kwargs,
+            ).last_hidden_state
 
     def _head_logprobs(self, hidden: torch.Tensor, slot: list[int], target: list[int]) -> tuple[list, list]:
         """Per target: its float32 log-probability at its position (a row of `hidden`), and whether
