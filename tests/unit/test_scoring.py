@@ -395,7 +395,7 @@ def test_rows_attend_at_their_own_width_whatever_their_batch():
     query = torch.randn(rows, heads, t, 4)
     key = value = torch.randn(rows, 1, prefix + t, 4)
     mask = torch.zeros(rows, 1, t, prefix + t)
-    token = scoring._BUCKETS.set(scoring._Buckets(inner, scoring.attention_spans([6, 5, 3])))
+    token = scoring._BUCKETS.set(scoring._Buckets(inner, False, scoring.attention_spans([6, 5, 3])))
     try:
         out, _ = scoring._bucketed_attention(None, query, key, value, mask, scaling=0.5)
     finally:
@@ -426,3 +426,28 @@ def test_every_layer_attends_through_the_buckets_and_the_model_keeps_its_attenti
     assert lm.model.config._attn_implementation == before == "sdpa"
     for req, lp in zip(mixed_requests()[::5], scores[::5]):
         assert lp == pytest.approx(naive(lm, req)[0], abs=1e-4)
+
+
+def test_sdpa_runs_without_copies_of_the_key_value_heads_and_gives_the_same_bits(lm, monkeypatch):
+    """On CPU, transformers' sdpa is called directly with `enable_gqa` (the tiny model has 4 query
+    and 2 key/value heads) instead of through transformers' function, which copies each key/value
+    head per query head where a mask is given: the same scores, bit for bit."""
+    import torch.nn.functional as F
+
+    from taskfit.models import scoring
+
+    reqs = mixed_requests()
+    real_sdpa, grouped = F.scaled_dot_product_attention, []
+
+    def counting(*args, **kwargs):
+        grouped.append(kwargs.get("enable_gqa", False))
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    direct = lm.loglikelihood(reqs)
+    assert grouped and all(grouped)
+    real_buckets = scoring._Buckets
+    monkeypatch.setattr(scoring, "_Buckets", lambda inner, sdpa, spans: real_buckets(inner, False, spans))
+    grouped.clear()
+    assert lm.loglikelihood(reqs) == direct
+    assert grouped and not any(grouped)

@@ -149,9 +149,13 @@ class _Buckets:
     """What `_bucketed_attention` needs to know during one batch."""
 
     inner: Callable  # the model's own attention function (transformers' sdpa, ...)
+    sdpa: bool  # whether that is transformers' sdpa
     spans: list[tuple[int, int, int]]  # (first row, end row, attention width) of each run of rows alike
     calls: int = 0
 
+
+_SDPA_EXTRAS = ("position_bias", "softcap", "s_aux", "output_attentions")
+"""Arguments of transformers' sdpa attention that the direct call in `_bucketed_attention` leaves out."""
 
 _BUCKETS: contextvars.ContextVar[_Buckets | None] = contextvars.ContextVar("taskfit_buckets", default=None)
 
@@ -190,7 +194,15 @@ def _bucketed_attention(module, query, key, value, attention_mask, **kwargs):
         else:
             keys = prefix + width
             q, k, v, m = q[:, :, :width], k[:, :, :keys], v[:, :, :keys], m[..., :width, :keys]
-        o, _ = plan.inner(module, q, k, v, m, **kwargs)
+        if plan.sdpa and q.device.type == "cpu" and not any(kwargs.get(n) not in (None, False) for n in _SDPA_EXTRAS):
+            # transformers' sdpa, without its copies of each key/value head per query head
+            # (`repeat_kv`: it keeps them where a mask is given, for CUDA's sake): the same bits
+            # on CPU, ~40% faster (five-shot rows, 9 query and 3 key/value heads).
+            gqa = q.shape[1] != k.shape[1]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=kwargs.get("scaling"), enable_gqa=gqa)
+            o = o.transpose(1, 2)
+        else:
+            o, _ = plan.inner(module, q, k, v, m, **kwargs)
         if out is None:
             out = o.new_zeros(rows, t, heads, dim)
         out[start:end, : min(width, t)] = o[:, : min(width, t)]
@@ -212,7 +224,8 @@ def bucketed_attention(model, lengths: list[int]) -> Iterator[None]:
         return
     if BUCKETED_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(BUCKETED_ATTENTION, _bucketed_attention)
-    token = _BUCKETS.set(_Buckets(ALL_ATTENTION_FUNCTIONS[before], attention_spans(lengths)))
+    plan = _Buckets(ALL_ATTENTION_FUNCTIONS[before], before == "sdpa", attention_spans(lengths))
+    token = _BUCKETS.set(plan)
     config._attn_implementation = BUCKETED_ATTENTION
     try:
         yield
