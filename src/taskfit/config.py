@@ -33,8 +33,9 @@ class ModelConfig(_Strict):
     """Upper bound on tokens per forward batch when scoring; does not change any score."""
     recheck_margin: float = Field(0.2, ge=0)
     """Under bf16 autocast (float32 weights): an example whose two best answers score within this
-    many nats of each other is scored again in float32, so that bf16 rounding seldom flips a
-    near-tie (0: never). On the benchmark, bf16 moved the gap between two answers by 0.05 nats
+    many nats of each other (answer strings by the model; labels after pooling, normalization and
+    calibration by the scoring strategy) is scored again in float32, so that bf16 rounding seldom
+    flips a near-tie (0: never). On the benchmark, bf16 moved the gap between two answers by 0.05 nats
     (median) to 0.27 (99th percentile); 0.2 rechecked ~6% of the examples."""
 
 

@@ -457,3 +457,64 @@ def test_the_test_split_is_read_once_per_train_split_for_demo_exclusion():
     assert Counted.passes == 2  # the same contents as `train` (other ids): known already
     select_demos(train, 3, "first", 0, "runs.x.prompt", exclude=test)  # no memo: read every time
     assert Counted.passes == 3
+
+
+# ---- bf16 near-ties, rechecked after pooling -------------------------------------------
+
+
+CLOSE = "The remote broke"  # test example c2: its labels end within the margin only once pooled
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_near_ties_that_pooling_makes_are_rechecked_in_float32_for_that_example_alone(write_yaml, fake_lm, calibrate):
+    """A backend under bf16 rechecks where two answer strings are within its margin; pooling two
+    strings per label can bring labels within it while the strings are not (c2: "bad" -0.5,
+    "great" and "good" -1.0 each: labels 0.19 apart, strings 0.5). The strategy scores that
+    example's queries again in float32 (`loglikelihood_exact`) and only those: every other row,
+    its content-free queries (shared by all examples) included, keeps its bf16 scores."""
+    from taskfit.prompting.strategy import ScoreStrategy
+
+    bf16 = {"great": -1.0, "good": -1.0, "bad": -0.5, "awful": -9.0, "okay": -9.0, "fine": -9.0}
+    exact = {**bf16, "great": -1.2, "good": -1.2}  # float32 turns c2 to negative
+
+    def scores(table):
+        def score(r):
+            if CLOSE in r.context:
+                return table[r.continuation]
+            real = any(ex.fields["text"] in r.context for ex in examples)  # not a content-free query
+            return -0.1 if real and r.continuation == "great" else -5.0
+
+        return score
+
+    class Bf16LM(fake_lm):
+        def __init__(self, margin):
+            super().__init__(fn=scores(bf16))
+            self.identity = {**self.identity, **({"recheck_margin": margin} if margin else {})}
+            self.exact_calls = []
+
+        def loglikelihood_exact(self, requests):
+            self.exact_calls.append(list(requests))
+            return [scores(exact)(r) for r in requests]
+
+    answers = "{positive: [great, good], negative: [bad, awful], neutral: [okay, fine]}"
+    extra = {"calibrate": "contextual"} if calibrate else {}
+    path = write_yaml(
+        prompt_yaml(CLS_HEAD, template='"Review: {{ text }}\\nSentiment: {{ answer }}"', answers=answers, **extra)
+    )
+    task = load_task(path)
+    cfg = load_experiment(path).config.runs["r"].prompt
+    examples = list(task.split("test"))
+
+    def predict(margin):
+        lm = Bf16LM(margin)
+        strategy = ScoreStrategy(cfg, task, 0, "runs.r.prompt", [cfg.template_list[0]])
+        return strategy.predict(examples, lm), lm
+
+    plain, lm = predict(0)
+    assert lm.exact_calls == []
+    rows, lm = predict(0.2)
+    (called,) = lm.exact_calls
+    assert len(called) == 6 and all(CLOSE in r.context for r in called)  # c2's six answer strings
+    c2 = next(i for i, ex in enumerate(examples) if CLOSE in ex.fields["text"])
+    assert plain[c2]["prediction"] == "positive" and rows[c2]["prediction"] == "negative"
+    assert [r for i, r in enumerate(rows) if i != c2] == [r for i, r in enumerate(plain) if i != c2]

@@ -451,3 +451,22 @@ def test_sdpa_runs_without_copies_of_the_key_value_heads_and_gives_the_same_bits
     grouped.clear()
     assert lm.loglikelihood(reqs) == direct
     assert grouped and not any(grouped)
+
+
+def test_exact_scores_are_float32_bits_and_cached_apart_from_bf16_ones(tiny_folder, lm, tmp_path, monkeypatch):
+    """`loglikelihood_exact` under bf16 autocast gives a float32 run's scores, bit for bit, and the
+    score cache keeps them apart from the bf16 scores of the same requests."""
+    from taskfit.models import hf
+    from taskfit.models.cached import CachedLM
+    from taskfit.store import ScoreCache
+
+    monkeypatch.setattr(hf, "cpu_has_native_bf16", lambda: True)
+    reqs = mixed_requests()
+    mixed = HFLM.load(ModelConfig(name=str(tiny_folder), device="cpu", recheck_margin=0))
+    cached = CachedLM(mixed, ScoreCache(tmp_path / "cache.sqlite"))
+    rounded = cached.loglikelihood(reqs)
+    assert cached.loglikelihood_exact(reqs) == lm.loglikelihood(reqs) != rounded
+    assert mixed.rechecked == len({r.context for r in reqs})
+    again = CachedLM(mixed, ScoreCache(tmp_path / "cache.sqlite"))
+    assert again.loglikelihood(reqs) == rounded and again.loglikelihood_exact(reqs) == lm.loglikelihood(reqs)
+    assert again.computed == 0

@@ -16,6 +16,15 @@ class Request(NamedTuple):
     not to the call it is scored in."""
 
 
+class ExactRequest(NamedTuple):
+    """A `Request` scored in float32 where the model otherwise computes in bf16 (`LM.loglikelihood_exact`);
+    its own type, so that the cache keeps its result apart from the bf16 one."""
+
+    context: str
+    continuation: str
+    shared: int = 0
+
+
 class GenerationRequest(NamedTuple):
     """Continue `context`; `samples` continuations, each cut before the first `stop` string or at EOS."""
 
@@ -39,6 +48,11 @@ class LM(Protocol):
 
     def loglikelihood(self, requests: list[Request]) -> list[float]:
         """Summed log-probability of each continuation given its context."""
+        ...
+
+    def loglikelihood_exact(self, requests: list[Request]) -> list[float]:
+        """The same in the weights' float32, for a backend that otherwise computes in bf16 (it then
+        names its `recheck_margin` in `identity`): the scores a float32 run gives."""
         ...
 
     def chat(self, user_message: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from taskfit.models.base import LM, GenerationRequest, Request
+from taskfit.models.base import LM, ExactRequest, GenerationRequest, Request
 from taskfit.store import ScoreCache
 
 
@@ -31,6 +31,12 @@ class CachedLM:
 
     def loglikelihood(self, requests: list[Request]) -> list[float]:
         return self._through_cache(requests, self.lm.loglikelihood)
+
+    def loglikelihood_exact(self, requests: list[Request]) -> list[float]:
+        def compute(exact: list[ExactRequest]) -> list[float]:
+            return self.lm.loglikelihood_exact([Request(*r) for r in exact])
+
+        return self._through_cache([ExactRequest(*r) for r in requests], compute)
 
     def generate(self, requests: list[GenerationRequest]) -> list[list[str]]:
         return [list(texts) for texts in self._through_cache(requests, self.lm.generate)]

@@ -159,6 +159,15 @@ class HFLM:
         score therefore depends on neither the order, the repetition nor the company of the
         requests: where a row's prefix ends is its request's own, and its attention runs at its own
         width (see `scoring.attention_spans`)."""
+        return self._scored(requests, exact=False)
+
+    def loglikelihood_exact(self, requests: list[Request]) -> list[float]:
+        """Log-likelihoods computed in float32 whatever the precision (the weights' own dtype where
+        they are not float32): under bf16 autocast, the scores a float32 run gives, bit for bit."""
+        self.rechecked += len({r.context for r in requests})
+        return [lp for lp, _ in self._scored(requests, exact=True)]
+
+    def _scored(self, requests: list[Request], exact: bool) -> list[tuple[float, bool]]:
         keys = [
             (tuple(ctx), self.starts.length(req.context, req.shared, ctx), tuple(cont))
             for req, (ctx, cont) in zip(requests, self._encode_pairs(requests))
@@ -173,9 +182,11 @@ class HFLM:
             groups.append(Group(list(ctx), [list(c) for c in conts]))
             offsets.append(0 if self._fit(groups[-1]) else shared)  # a context cut from the left shares no start
         clusters = _by_prefix(groups, offsets)
-        with self.precision.autocast(str(self.scorer.device)):
+        device = str(self.scorer.device)
+        with torch.autocast(device.split(":")[0], enabled=False) if exact else self.precision.autocast(device):
             results = self._score_clusters(groups, clusters)
-        self._recheck_close_calls(groups, results, clusters)
+        if not exact:
+            self._recheck_close_calls(groups, results, clusters)
         return [results[i][j] for i, j in (slot[key] for key in keys)]
 
     def _score_clusters(self, groups: list[Group], clusters: list[tuple[list[int], int]]) -> list:

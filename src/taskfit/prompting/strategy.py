@@ -5,6 +5,7 @@ rendered prompt. `ScorePrompt` is one template; `ScoreStrategy` combines templat
 from __future__ import annotations
 
 import math
+from collections import ChainMap
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -90,11 +91,44 @@ class ScoreStrategy:
             wanted += [r for per_t in free for per_ex in per_t for q in per_ex for reqs in q.requests for r in reqs]
         wanted = list(dict.fromkeys(wanted))
         loglik = dict(zip(wanted, lm.loglikelihood(wanted)))
-        rows = []
-        for i, ex in enumerate(examples):
-            per_template = [self._template_row(t, queries[t][i], free[t][i], loglik) for t in range(len(self.prompts))]
-            rows.append(self._combined(ex, per_template))
-        return rows
+        rows = [
+            [self._template_row(t, queries[t][i], free[t][i], loglik) for t in range(len(self.prompts))]
+            for i in range(len(examples))
+        ]
+        self._recheck(rows, queries, free, loglik, lm)
+        return [self._combined(ex, per_template) for ex, per_template in zip(examples, rows)]
+
+    def _recheck(self, rows, queries, free, loglik, lm) -> None:
+        """Under bf16 (a backend naming its `recheck_margin`), score again in float32 each template
+        row whose two best options are within the margin once answer strings are pooled, scores
+        normalized and calibrated: the backend rechecks only where two answer strings are that
+        close, which misses near-ties that pooling, normalization or calibration make. A row is
+        recomputed from its own queries' float32 scores alone (the content-free queries other
+        examples share keep their bf16 scores there), so it depends on no other example."""
+        margin = getattr(lm, "identity", {}).get("recheck_margin", 0)
+        if not margin:
+            return
+        close = [
+            (i, t) for i, per in enumerate(rows) for t, row in enumerate(per) if _top_gap(row["probabilities"]) < margin
+        ]
+        needs = {
+            (i, t): [
+                r
+                for q in [queries[t][i], *free[t][i]]
+                if _raw_gap(q, loglik) >= margin
+                for reqs in q.requests
+                for r in reqs
+            ]
+            for i, t in close
+        }  # a query whose answer strings were this close was rechecked by the backend already
+        wanted = list(dict.fromkeys(r for reqs in needs.values() for r in reqs))
+        if not wanted:
+            return
+        exact = dict(zip(wanted, lm.loglikelihood_exact(wanted)))
+        for (i, t), reqs in needs.items():
+            if reqs:
+                own = ChainMap({r: exact[r] for r in reqs}, loglik)
+                rows[i][t] = self._template_row(t, queries[t][i], free[t][i], own)
 
     def _template_row(self, t: int, query: Query, free: list[Query], loglik) -> dict[str, Any]:
         prompt = self.prompts[t]
@@ -154,6 +188,20 @@ def answer_fields(ex: Example, best: int, is_classification: bool) -> dict[str, 
 
 def argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))  # ties: the first option
+
+
+def _top_gap(probs: list[float]) -> float:
+    """Log-probability gap between the two most probable options (inf with fewer than two)."""
+    top = sorted(probs, reverse=True)[:2]
+    if len(top) < 2 or top[1] <= 0:
+        return math.inf
+    return math.log(top[0]) - math.log(top[1]) if top[0] > 0 else math.inf
+
+
+def _raw_gap(query: Query, loglik: dict[Request, float]) -> float:
+    """Gap between a query's two best answer strings' scores: what the backend's recheck looks at."""
+    top = sorted((loglik[r] for reqs in query.requests for r in reqs), reverse=True)[:2]
+    return top[0] - top[1] if len(top) == 2 else math.inf
 
 
 def softmax(scores: list[float]) -> list[float]:
