@@ -474,15 +474,16 @@ def test_near_ties_that_pooling_makes_are_rechecked_in_float32_for_that_example_
     its content-free queries (shared by all examples) included, keeps its bf16 scores."""
     from taskfit.prompting.strategy import ScoreStrategy
 
-    bf16 = {"great": -1.0, "good": -1.0, "bad": -0.5, "awful": -9.0, "okay": -9.0, "fine": -9.0}
-    exact = {**bf16, "great": -1.2, "good": -1.2}  # float32 turns c2 to negative
+    bf16 = {"great": -1.0, "good": -1.0, "bad": -0.5, "awful": -9.0, "okay": -9.0, "fine": -9.0, "free okay": -1.0}
+    exact = {**bf16, "great": -1.2, "good": -1.2, "free okay": -1.5}  # float32 turns c2 to negative
 
     def scores(table):
         def score(r):
             if CLOSE in r.context:
                 return table[r.continuation]
-            real = any(ex.fields["text"] in r.context for ex in examples)  # not a content-free query
-            return -0.1 if real and r.continuation == "great" else -5.0
+            if any(ex.fields["text"] in r.context for ex in examples):
+                return -0.1 if r.continuation == "great" else -5.0
+            return table["free okay"] if r.continuation == "okay" else -5.0  # a content-free query
 
         return score
 
@@ -514,7 +515,9 @@ def test_near_ties_that_pooling_makes_are_rechecked_in_float32_for_that_example_
     assert lm.exact_calls == []
     rows, lm = predict(0.2)
     (called,) = lm.exact_calls
-    assert len(called) == 6 and all(CLOSE in r.context for r in called)  # c2's six answer strings
+    mine = [r for r in called if CLOSE in r.context]
+    assert len(mine) == 6  # c2's six answer strings, and under calibration its content-free queries'
+    assert len(called) == 6 * (1 + len(cfg.content_free)) if calibrate else called == mine
     c2 = next(i for i, ex in enumerate(examples) if CLOSE in ex.fields["text"])
     assert plain[c2]["prediction"] == "positive" and rows[c2]["prediction"] == "negative"
     assert [r for i, r in enumerate(rows) if i != c2] == [r for i, r in enumerate(plain) if i != c2]
