@@ -3,6 +3,9 @@ results out. Backends batch, sort and cache behind it; prompting code never sees
 
 from __future__ import annotations
 
+import heapq
+import math
+from collections.abc import Iterable
 from typing import Any, NamedTuple, Protocol
 
 
@@ -40,6 +43,13 @@ class GenerationRequest(NamedTuple):
     """How many leading characters of `context` other requests share (fixed demonstrations):
     the generator computes them once and each prompt's own tokens after them. Where the split
     falls changes results at rounding level, so it belongs to the request."""
+
+
+def top_gap(values: Iterable[float]) -> float:
+    """How far the best of `values` lies above the second best (inf with fewer than two): the
+    near-tie test of the float32 recheck, for answer strings' scores and for options' log-probabilities."""
+    best = heapq.nlargest(2, values)
+    return best[0] - best[1] if len(best) == 2 else math.inf
 
 
 class LM(Protocol):

@@ -13,7 +13,7 @@ import torch
 
 from taskfit.config import ModelConfig
 from taskfit.errors import TaskfitError
-from taskfit.models.base import GenerationRequest, Request
+from taskfit.models.base import GenerationRequest, Request, top_gap
 from taskfit.models.generation import Generator
 from taskfit.models.registry import resolve
 from taskfit.models.scoring import Group, SharedStarts, TreeScorer
@@ -77,10 +77,7 @@ def pick_precision(name: str, device: str) -> Precision:
 
 def _top_gap(scored: list[tuple[float, bool]]) -> float:
     """Log-likelihood gap between the two best continuations of a group (inf with fewer than two)."""
-    if len(scored) < 2:
-        return float("inf")
-    best, second = sorted((lp for lp, _ in scored), reverse=True)[:2]
-    return best - second
+    return top_gap(lp for lp, _ in scored)
 
 
 class HFLM:
@@ -182,12 +179,15 @@ class HFLM:
             groups.append(Group(list(ctx), [list(c) for c in conts]))
             offsets.append(0 if self._fit(groups[-1]) else shared)  # a context cut from the left shares no start
         clusters = _by_prefix(groups, offsets)
-        device = str(self.scorer.device)
-        with torch.autocast(device.split(":")[0], enabled=False) if exact else self.precision.autocast(device):
+        with self._float32() if exact else self.precision.autocast(str(self.scorer.device)):
             results = self._score_clusters(groups, clusters)
         if not exact:
             self._recheck_close_calls(groups, results, clusters)
         return [results[i][j] for i, j in (slot[key] for key in keys)]
+
+    def _float32(self) -> Any:
+        """A context in which the products run in the weights' dtype (autocast off)."""
+        return torch.autocast(self.scorer.device.type, enabled=False)
 
     def _score_clusters(self, groups: list[Group], clusters: list[tuple[list[int], int]]) -> list:
         """Each cluster's groups scored with its shared prefix, the results in the groups' order."""
@@ -206,7 +206,7 @@ class HFLM:
         if not close:
             return
         picked = [([i for i in members if i in close], offset) for members, offset in clusters]
-        with torch.autocast(str(self.scorer.device).split(":")[0], enabled=False):
+        with self._float32():
             exact = self._score_clusters(groups, [(m, offset) for m, offset in picked if m])
         for i in close:
             results[i] = exact[i]

@@ -12,7 +12,7 @@ from typing import Any
 from taskfit.config import PromptConfig
 from taskfit.data import Example
 from taskfit.errors import TaskfitError
-from taskfit.models.base import LM, Request
+from taskfit.models.base import LM, Request, top_gap
 from taskfit.prompting.answers import combine
 from taskfit.prompting.builder import PromptBuilder
 from taskfit.prompting.extract import majority_vote, vote_shares
@@ -191,17 +191,13 @@ def argmax(values: list[float]) -> int:
 
 
 def _top_gap(probs: list[float]) -> float:
-    """Log-probability gap between the two most probable options (inf with fewer than two)."""
-    top = sorted(probs, reverse=True)[:2]
-    if len(top) < 2 or top[1] <= 0:
-        return math.inf
-    return math.log(top[0]) - math.log(top[1]) if top[0] > 0 else math.inf
+    """Log-probability gap between the two most probable options (inf with fewer than two possible)."""
+    return top_gap(math.log(p) for p in probs if p > 0)
 
 
 def _raw_gap(query: Query, loglik: dict[Request, float]) -> float:
     """Gap between a query's two best answer strings' scores: what the backend's recheck looks at."""
-    top = sorted((loglik[r] for reqs in query.requests for r in reqs), reverse=True)[:2]
-    return top[0] - top[1] if len(top) == 2 else math.inf
+    return top_gap(loglik[r] for reqs in query.requests for r in reqs)
 
 
 def softmax(scores: list[float]) -> list[float]:
