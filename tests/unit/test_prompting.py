@@ -67,7 +67,7 @@ def test_prefix_prompt_splits_at_the_slot(write_yaml):
     q = sp.query(task.split("test")[0])
     context = f"Question: {KIM}\nAnswer: "
     assert q.prompt == context
-    assert q.requests == [[Request(context, answer, len("Question: "))] for answer in ("sad", "excited", "proud")]
+    assert q.requests == [[Request(context, answer, len("Question:"))] for answer in ("sad", "excited", "proud")]
 
 
 def test_cloze_prompt_puts_the_rest_in_the_continuation(write_yaml):
@@ -82,7 +82,7 @@ def test_classification_options_are_label_names_by_default(write_yaml):
     q = sp.query(task.split("test")[1])
     context = "Review: The remote broke after one week. Very poor quality.\nSentiment: "
     labels = ("negative", "neutral", "positive")
-    assert q.requests == [[Request(context, label, len("Review: "))] for label in labels]
+    assert q.requests == [[Request(context, label, len("Review:"))] for label in labels]
 
 
 def test_field_named_answer_is_reachable_as_example_answer(write_yaml):
@@ -370,8 +370,8 @@ def test_chat_wraps_the_prompt_as_a_user_turn(write_yaml, fake_lm):
 @pytest.mark.parametrize("chat", [False, True])
 def test_fixed_demos_are_the_shared_start_of_every_context(write_yaml, fake_lm, chat):
     """A context's `shared` start (what scoring and generation compute once per run) runs through
-    the chat header, the fixed demonstrations and the template's literal start; it is the same
-    text for every example."""
+    the chat header, the fixed demonstrations and the template's literal start but its trailing
+    space (which tokenizes with the word after it); it is the same text for every example."""
     from taskfit.prompting.builder import shared_start
 
     template = '"Question: {{ question }}\\nAnswer: {{ answer }}"'
@@ -380,14 +380,59 @@ def test_fixed_demos_are_the_shared_start_of_every_context(write_yaml, fake_lm, 
     contexts = [sp.builder.context(ex) for ex in task.split("test")]
     demos = sp.builder.demo_text(task.split("test")[0])
     starts = {c.text[: c.shared] for c in contexts}
-    assert starts == {header + demos + "Question: "} and len(contexts) > 1
+    assert starts == {header + demos + "Question:"} and len(contexts) > 1
     zero, _ = build(write_yaml, template=template, chat=str(chat).lower(), chat_fn=fake_lm().chat)
-    assert {c.text[: c.shared] for c in map(zero.builder.context, task.split("test"))} == {header + "Question: "}
+    assert {c.text[: c.shared] for c in map(zero.builder.context, task.split("test"))} == {header + "Question:"}
     # `similar` demonstrations are drawn per example: only a chat header is shared
     assert shared_start("<user>demos + question", "demos + question", "demos", "", fixed=False) == 6
     assert shared_start("demos + question", "demos + question", "demos", "", fixed=False) == 0
     # a lead the text does not continue with (a chat template that rewrote it) is not claimed
     assert shared_start("demos + Q: x", "demos + Q: x", "demos + ", "A: ", fixed=True) == 8
+
+
+def test_calibration_with_per_example_demos_shows_the_examples_own_demos(write_yaml):
+    """Contextual calibration measures the bias of the prompt the example is scored with: under
+    `demos: similar` (demonstrations per example) each content-free input shows its example's
+    demonstrations, not those nearest to "N/A", and the example's queries all declare those
+    demonstrations as their shared start (computed once for the four of them)."""
+    from taskfit.prompting.strategy import ScoreStrategy
+
+    template = '"Review: {{ text }}\\nSentiment: {{ answer }}"'
+    path = write_yaml(prompt_yaml(CLS_HEAD, template=template, shots=2, demos="similar", calibrate="contextual"))
+    task, cfg = load_task(path), load_experiment(path).config.runs["r"].prompt
+    strategy = ScoreStrategy(cfg, task, 0, "runs.r.prompt", cfg.template_list)
+    examples = list(task.split("test"))[:3]
+    demo_sets = set()
+    for ex in examples:
+        demos = strategy.prompts[0].builder.demo_text(ex)
+        demo_sets.add(demos)
+        real = strategy.prompts[0].query(ex, share_demos=True)
+        free = [strategy.prompts[0].query(cf, ex, True) for cf in strategy._content_free(ex)]
+        assert [q.prompt for q in free] == [f"{demos}Review: {text}\nSentiment: " for text in cfg.content_free]
+        starts = {r.context[: r.shared] for q in [real, *free] for reqs in q.requests for r in reqs}
+        assert starts == {demos + "Review:"}
+    assert len(demo_sets) > 1  # the demonstrations are the examples' own
+    # without calibration, a query's demonstrations are its own and nothing is declared shared
+    plain = ScoreStrategy(cfg.model_copy(update={"calibrate": "none"}), task, 0, "runs.r.prompt", cfg.template_list)
+    assert {r.shared for ex in examples for reqs in plain.prompts[0].query(ex).requests for r in reqs} == {0}
+
+
+def test_calibration_queries_of_per_example_demos_reach_the_model(write_yaml, fake_lm):
+    """End to end through `predict`: what the model is asked for the content-free inputs under
+    `demos: similar` starts with each example's own demonstrations."""
+    from taskfit.prompting.strategy import ScoreStrategy
+
+    template = '"Review: {{ text }}\\nSentiment: {{ answer }}"'
+    path = write_yaml(prompt_yaml(CLS_HEAD, template=template, shots=2, demos="similar", calibrate="contextual"))
+    task, cfg = load_task(path), load_experiment(path).config.runs["r"].prompt
+    strategy = ScoreStrategy(cfg, task, 0, "runs.r.prompt", cfg.template_list)
+    examples = list(task.split("test"))[:3]
+    lm = fake_lm()
+    strategy.predict(examples, lm)
+    for ex in examples:
+        demos = strategy.prompts[0].builder.demo_text(ex)
+        asked = {r.context for r in lm.requests if r.context.startswith(demos)}
+        assert asked == {demos + f"Review: {t}\nSentiment: " for t in [ex.fields["text"], *cfg.content_free]}
 
 
 def test_chat_end_to_end_uses_lm_chat(project, write_yaml, fake_lm, read_jsonl):

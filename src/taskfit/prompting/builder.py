@@ -33,19 +33,21 @@ class Context:
     shared: int = 0
     """How many leading characters of `text` every example of the run has: the chat header, and
     the demonstrations and the template's literal start when the demonstrations are fixed (see
-    `shared_start`)."""
+    `shared_start`); with `share_demos`, those every query of one example has."""
 
 
 def shared_start(text: str, body: str, demos: str, lead: str, fixed: bool) -> int:
     """The length of `text`'s start that every example of the run has: whatever chat header
     precedes `body` (the prompt's own text, which starts with `demos`), then, where the
     demonstrations are fixed, the demonstrations and the template's literal `lead`
-    ("Question: "); 0 where the body cannot be found in `text`."""
+    ("Question: ") but its trailing spaces (a space token merges with the word after it, so
+    queries that go on alike would otherwise not tokenize their start alike: "Review: N/A" and
+    "Review: " + newline); 0 where the body cannot be found in `text`."""
     at = text.find(body) if body else -1
     if at < 0 or not fixed:
         return max(at, 0)
     end = at + len(demos)
-    return end + len(lead) if text.startswith(lead, end) else end
+    return end + len(lead.rstrip(" ")) if text.startswith(lead, end) else end
 
 
 def generation_request(
@@ -138,13 +140,22 @@ class PromptBuilder:
         variables = {**demo.fields, "rationale": demo.fields[self.cfg.rationale], "answer": answer}
         return render_plain(self.cfg.answer_format, variables, f"{self.where}.answer_format")
 
-    def context(self, example: Example) -> Context:
+    @property
+    def per_example_demos(self) -> bool:
+        """Whether each example has demonstrations of its own (`demos: similar`)."""
+        return self._fixed is None
+
+    def context(self, example: Example, demos_of: Example | None = None, share_demos: bool = False) -> Context:
+        """`example`'s prompt, showing the demonstrations of `demos_of` (default: its own; a
+        content-free input of contextual calibration shows its example's). `share_demos`: the
+        demonstrations belong to the declared shared start even where they are one example's
+        own (the queries of one example that calibration makes all start with them)."""
         rendered = self.template.render(example)
         # zero-shot chain of thought (Kojima et al. 2022): the trigger follows the example
         tail = self.cfg.trigger if self.cfg.chain_of_thought and not self.cfg.shots else ""
-        return self.assemble(self.demo_text(example), rendered, tail)
+        return self.assemble(self.demo_text(demos_of or example), rendered, tail, share_demos)
 
-    def assemble(self, demos: str, rendered: Rendered, tail: str = "") -> Context:
+    def assemble(self, demos: str, rendered: Rendered, tail: str = "", share_demos: bool = False) -> Context:
         """The context of rendered demonstrations and an example's rendered template (then
         `tail`), wrapped as the user's turn under `chat`, with its shared start."""
         body = demos + rendered.before + tail
@@ -153,8 +164,8 @@ class PromptBuilder:
             # The whole prompt is the user's turn; the answer starts the assistant's reply.
             body = body.rstrip()
             text = self._chat(body) if self._chat else body
-        lead = self.template.lead
-        return Context(text, rendered, shared_start(text, body, demos, lead, fixed=self._fixed is not None))
+        fixed = share_demos or not self.per_example_demos
+        return Context(text, rendered, shared_start(text, body, demos, self.template.lead, fixed))
 
     @property
     def reasoning_to_answer(self) -> str:

@@ -36,8 +36,9 @@ class ScorePrompt:
         self.builder = PromptBuilder(cfg, task, seed, where, template or cfg.template_list[0], chat)
         self.is_classification = task.type == "classification"
 
-    def query(self, example: Example) -> Query:
-        ctx = self.builder.context(example)
+    def query(self, example: Example, demos_of: Example | None = None, share_demos: bool = False) -> Query:
+        """`example`'s query; `demos_of`, `share_demos`: see `PromptBuilder.context`."""
+        ctx = self.builder.context(example, demos_of, share_demos)
         options = self.builder.options(example)
         requests = [[Request(ctx.text, s + ctx.rendered.after, ctx.shared) for s in strings] for strings in options]
         if any(r.continuation == "" for reqs in requests for r in reqs):
@@ -84,8 +85,13 @@ class ScoreStrategy:
                 prompt.query(ex)
 
     def predict(self, examples: list[Example], lm: LM) -> list[dict[str, Any]]:
-        queries = [[p.query(ex) for ex in examples] for p in self.prompts]  # [template][example]
-        free = [[[p.query(cf) for cf in self._content_free(ex)] for ex in examples] for p in self.prompts]
+        # Contextual calibration asks what *this* prompt gives a content-free input: with
+        # demonstrations per example, its content-free inputs show the example's own (not those
+        # nearest to "N/A"), and its queries declare them as their shared start: they are then
+        # computed once per example instead of once per query.
+        share = self.calibrate and self.prompts[0].builder.per_example_demos
+        queries = [[p.query(ex, share_demos=share) for ex in examples] for p in self.prompts]  # [template][example]
+        free = [[[p.query(cf, ex, share) for cf in self._content_free(ex)] for ex in examples] for p in self.prompts]
         wanted = [r for qs in queries for q in qs for reqs in q.requests for r in reqs]
         if self.calibrate:
             wanted += [r for per_t in free for per_ex in per_t for q in per_ex for reqs in q.requests for r in reqs]
