@@ -343,16 +343,23 @@ def test_a_score_does_not_depend_on_what_else_is_scored(lm):
     assert plain == pytest.approx(together[:12], abs=1e-4)
 
 
-def test_templates_scored_together_share_each_templates_demos(tiny_folder):
+def test_templates_scored_together_share_each_templates_demos(tiny_folder, monkeypatch):
     """An ensemble's call holds every template's requests: each template's demonstrations run
-    once (and are kept for the next call), and every score is what the template's requests
+    once (and are kept for the next call), the templates' rows run in the same batches, each
+    after its own template's demonstrations, and every score is what the template's requests
     scored alone would give."""
     templates = [DEMOS, DEMOS.replace("Question", "Q").replace("Answer", "A"), DEMOS.upper()]
     reqs = [Request(d + r.context, r.continuation, len(d)) for d in templates for r in requests()[:12]]
     lm = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
     alone = [lp for t in range(3) for lp in lm.loglikelihood(reqs[12 * t : 12 * (t + 1)])]
     fresh = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
+    batches = []
+    real_batch = fresh.scorer._score_batch
+    monkeypatch.setattr(
+        fresh.scorer, "_score_batch", lambda b, p: batches.append({id(kv) for kv in p}) or real_batch(b, p)
+    )
     assert fresh.loglikelihood(reqs) == alone
+    assert max(map(len, batches)) == 3  # a batch with every template's rows
     assert fresh.scorer.tokens == lm.scorer.tokens  # each template's demonstrations once, as alone
     heads = [len(fresh.tokenizer(d, add_special_tokens=False).input_ids) for d in templates]
     assert fresh.scorer.tokens < sum(len(fresh._encode_pair(r.context, "")[0]) for r in reqs[::4])
@@ -384,7 +391,8 @@ def test_rows_attend_at_their_own_width_whatever_their_batch():
     the same shapes alone and in any batch; the batch's padding after a row gets zeros."""
     from taskfit.models import scoring
 
-    assert scoring.attention_spans([9, 8, 5, 4, 1]) == [(0, 1, 12), (1, 3, 8), (3, 5, 4)]
+    assert scoring.attention_spans([9, 8, 5, 4, 1]) == [(0, 1, 12, 0), (1, 3, 8, 0), (3, 5, 4, 0)]
+    assert scoring.attention_spans([8, 7, 7, 3], [5, 5, 2, 2]) == [(0, 2, 8, 5), (2, 3, 8, 2), (3, 4, 4, 2)]
     seen = []
 
     def inner(module, q, k, v, m, **kwargs):
@@ -395,7 +403,7 @@ def test_rows_attend_at_their_own_width_whatever_their_batch():
     query = torch.randn(rows, heads, t, 4)
     key = value = torch.randn(rows, 1, prefix + t, 4)
     mask = torch.zeros(rows, 1, t, prefix + t)
-    token = scoring._BUCKETS.set(scoring._Buckets(inner, False, scoring.attention_spans([6, 5, 3])))
+    token = scoring._BUCKETS.set(scoring._Buckets(inner, False, scoring.attention_spans([6, 5, 3], [prefix] * 3)))
     try:
         out, _ = scoring._bucketed_attention(None, query, key, value, mask, scaling=0.5)
     finally:
@@ -407,6 +415,28 @@ def test_rows_attend_at_their_own_width_whatever_their_batch():
     assert out.shape == (rows, t, heads, 4)
     assert torch.equal(out[:2], query[:2].transpose(1, 2) + 1)
     assert torch.equal(out[2, :4], query[2, :, :4].transpose(0, 1) + 1) and not out[2, 4:].any()
+
+    # Rows after prefixes of different lengths (laid out padded to the longest): each row's
+    # attention sees its own prefix's keys, then its own, as it would alone.
+    given = []
+    plan = scoring._Buckets(
+        lambda module, q, k, v, m, **kw: given.append((k, m)) or (q.transpose(1, 2), None), False, []
+    )
+    plan.spans = scoring.attention_spans([6, 6], [prefix, 2])
+    token = scoring._BUCKETS.set(plan)
+    try:
+        scoring._bucketed_attention(None, query[:2], key[:2], value[:2], mask[:2])
+    finally:
+        scoring._BUCKETS.reset(token)
+    (k0, m0), (k1, m1) = given
+    assert k0.shape[2] == prefix + 8 and torch.equal(k0[:, :, : prefix + t], key[:1])
+    assert k1.shape[2] == 2 + 8 and torch.equal(
+        k1[:, :, : 2 + t], torch.cat([key[1:2, :, :2], key[1:2, :, prefix:]], 2)
+    )
+    assert m1.shape[-1] == 2 + 8 and torch.equal(
+        m1[..., :t, : 2 + t], torch.cat([mask[1:2, ..., :2], mask[1:2, ..., prefix:]], -1)
+    )
+    assert not k1[:, :, 2 + t :].any()
 
 
 def test_every_layer_attends_through_the_buckets_and_the_model_keeps_its_attention(lm, monkeypatch):

@@ -178,38 +178,28 @@ class HFLM:
             slot.update({(ctx, shared, cont): (i, j) for j, cont in enumerate(conts)})
             groups.append(Group(list(ctx), [list(c) for c in conts]))
             offsets.append(0 if self._fit(groups[-1]) else shared)  # a context cut from the left shares no start
-        clusters = _by_prefix(groups, offsets)
         with self._float32() if exact else self.precision.autocast(str(self.scorer.device)):
-            results = self._score_clusters(groups, clusters)
+            results = self.scorer.score(groups, offsets)
         if not exact:
-            self._recheck_close_calls(groups, results, clusters)
+            self._recheck_close_calls(groups, results, offsets)
         return [results[i][j] for i, j in (slot[key] for key in keys)]
 
     def _float32(self) -> Any:
         """A context in which the products run in the weights' dtype (autocast off)."""
         return torch.autocast(self.scorer.device.type, enabled=False)
 
-    def _score_clusters(self, groups: list[Group], clusters: list[tuple[list[int], int]]) -> list:
-        """Each cluster's groups scored with its shared prefix, the results in the groups' order."""
-        results: list = [None] * len(groups)
-        for members, offset in clusters:
-            for i, scored in zip(members, self.scorer.score([groups[i] for i in members], offset)):
-                results[i] = scored
-        return results
-
-    def _recheck_close_calls(self, groups: list[Group], results: list, clusters: list) -> None:
+    def _recheck_close_calls(self, groups: list[Group], results: list, offsets: list[int]) -> None:
         """Score again, in float32, the groups that bf16 autocast left with a near-tie at the top,
-        each laid out with its cluster's shared prefix as it was in the call."""
+        each after its own cached prefix, as in the call."""
         if not self.recheck_margin or self.precision.compute == self.precision.weights:
             return
-        close = {i for i, scored in enumerate(results) if _top_gap(scored) < self.recheck_margin}
+        close = [i for i, scored in enumerate(results) if _top_gap(scored) < self.recheck_margin]
         if not close:
             return
-        picked = [([i for i in members if i in close], offset) for members, offset in clusters]
         with self._float32():
-            exact = self._score_clusters(groups, [(m, offset) for m, offset in picked if m])
-        for i in close:
-            results[i] = exact[i]
+            exact = self.scorer.score([groups[i] for i in close], [offsets[i] for i in close])
+        for i, scored in zip(close, exact):
+            results[i] = scored
         self.rechecked += len(close)
 
     def generate(self, requests: list[GenerationRequest]) -> list[list[str]]:
@@ -240,14 +230,6 @@ class HFLM:
             self.truncated += 1
             return True
         return False
-
-
-def _by_prefix(groups: list[Group], offsets: list[int]) -> list[tuple[list[int], int]]:
-    """(indices, prefix length) per set of groups that share the same cached prefix (none: 0)."""
-    clusters: dict[tuple[int, ...], list[int]] = {}
-    for i, (group, n) in enumerate(zip(groups, offsets)):
-        clusters.setdefault(tuple(group.context[:n]), []).append(i)
-    return [(members, len(prefix)) for prefix, members in clusters.items()]
 
 
 def encode_pairs(tokenizer, pairs: list[tuple[str, str]], joint: bool = True) -> list[tuple[list[int], list[int]]]:

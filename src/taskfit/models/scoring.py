@@ -46,6 +46,7 @@ class _Row:
     positions: list[int]
     owner: list[int]  # -1 for context tokens, else the continuation's index
     targets: list[tuple[int, int, int]]  # (continuation index, row position of its logits, target token)
+    prefix: int = 0  # length of the cached prefix the row continues
 
 
 def shared_prefix_length(groups: list[Group]) -> int:
@@ -111,7 +112,7 @@ def build_row(index: int, group: Group, offset: int) -> _Row:
                 positions.append(offset + len(ctx) + k)
                 owner.append(j)
                 prev = len(tokens) - 1
-    return _Row(index, tokens, positions, owner, targets)
+    return _Row(index, tokens, positions, owner, targets, offset)
 
 
 def tree_mask(owner: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -150,7 +151,7 @@ class _Buckets:
 
     inner: Callable  # the model's own attention function (transformers' sdpa, ...)
     sdpa: bool  # whether that is transformers' sdpa
-    spans: list[tuple[int, int, int]]  # (first row, end row, attention width) of each run of rows alike
+    spans: list[tuple[int, int, int, int]]  # (first row, end row, width, prefix) of each run of rows alike
     calls: int = 0
 
 
@@ -160,33 +161,43 @@ _SDPA_EXTRAS = ("position_bias", "softcap", "s_aux", "output_attentions")
 _BUCKETS: contextvars.ContextVar[_Buckets | None] = contextvars.ContextVar("taskfit_buckets", default=None)
 
 
-def attention_spans(lengths: list[int]) -> list[tuple[int, int, int]]:
-    """(first row, end row, width) per run of consecutive rows whose lengths round up, to a
-    multiple of `ATTENTION_WIDTH`, to the same width."""
-    spans: list[tuple[int, int, int]] = []
-    for i, n in enumerate(lengths):
-        width = -(-max(n, 1) // ATTENTION_WIDTH) * ATTENTION_WIDTH
-        if spans and spans[-1][2] == width:
-            spans[-1] = (spans[-1][0], i + 1, width)
+def attention_width(length: int) -> int:
+    """A row's attention width: its length rounded up to a multiple of `ATTENTION_WIDTH`."""
+    return -(-max(length, 1) // ATTENTION_WIDTH) * ATTENTION_WIDTH
+
+
+def attention_spans(lengths: list[int], prefixes: list[int] | None = None) -> list[tuple[int, int, int, int]]:
+    """(first row, end row, width, prefix) per run of consecutive rows of the same width (see
+    `attention_width`) that continue cached prefixes of the same length (`prefixes`, default none)."""
+    spans: list[tuple[int, int, int, int]] = []
+    for i, (n, p) in enumerate(zip(lengths, prefixes or [0] * len(lengths))):
+        width = attention_width(n)
+        if spans and spans[-1][2:] == (width, p):
+            spans[-1] = (spans[-1][0], i + 1, width, p)
         else:
-            spans.append((i, i + 1, width))
+            spans.append((i, i + 1, width, p))
     return spans
 
 
 def _bucketed_attention(module, query, key, value, attention_mask, **kwargs):
-    """The model's own attention, run per span of rows of one width (`attention_spans`), each
-    row's queries and keys cut (or zero-padded) to that width after the cached prefix: a row's
-    attention has the same shapes, so the same rounding, in any batch (the kernels round
-    differently at other key lengths: up to ~2e-5 on the default model's five-shot scores). The
-    padding a batch adds after a row gets zeros, which no real position reads. Returns
-    (rows, length, heads, head dim), as transformers' attention functions do."""
+    """The model's own attention, run per span of rows of one width and prefix length
+    (`attention_spans`), each row's keys cut to its own cached prefix (where the batch's prefixes
+    differ in length: laid out padded to the longest) and its queries and keys cut (or
+    zero-padded) to its width after it: a row's attention has the same shapes, so the same
+    rounding, in any batch (the kernels round differently at other key lengths: up to ~2e-5 on
+    the default model's five-shot scores). The padding a batch adds after a row gets zeros,
+    which no real position reads. Returns (rows, length, heads, head dim), as transformers'
+    attention functions do."""
     plan = _BUCKETS.get()
     plan.calls += 1
     rows, heads, t, dim = query.shape
-    prefix = key.shape[2] - t
+    longest = key.shape[2] - t  # the batch's longest cached prefix
     out = None
-    for start, end, width in plan.spans:
+    for start, end, width, prefix in plan.spans:
         q, k, v, m = query[start:end], key[start:end], value[start:end], attention_mask[start:end]
+        if prefix < longest:  # the row's own prefix, then its own keys
+            k, v = (torch.cat([x[:, :, :prefix], x[:, :, longest:]], dim=2) for x in (k, v))
+            m = torch.cat([m[..., :prefix], m[..., longest:]], dim=-1)
         if width > t:  # the batch's longest rows: padded here, not in the layers around attention
             extra = width - t
             q, k, v = (F.pad(x, (0, 0, 0, extra)) for x in (q, k, v))
@@ -210,10 +221,11 @@ def _bucketed_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 @contextlib.contextmanager
-def bucketed_attention(model, lengths: list[int]) -> Iterator[None]:
-    """Within: the model's attention runs through `_bucketed_attention` for rows of `lengths`,
-    where its attention is one of transformers' registered functions (sdpa, flash, flex; not
-    eager, which lives in each model's code: then as it is)."""
+def bucketed_attention(model, lengths: list[int], prefixes: list[int] | None = None) -> Iterator[None]:
+    """Within: the model's attention runs through `_bucketed_attention` for rows of `lengths`
+    after cached prefixes of `prefixes` tokens, where its attention is one of transformers'
+    registered functions (sdpa, flash, flex; not eager, which lives in each model's code: then
+    as it is)."""
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -224,7 +236,7 @@ def bucketed_attention(model, lengths: list[int]) -> Iterator[None]:
         return
     if BUCKETED_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(BUCKETED_ATTENTION, _bucketed_attention)
-    plan = _Buckets(ALL_ATTENTION_FUNCTIONS[before], before == "sdpa", attention_spans(lengths))
+    plan = _Buckets(ALL_ATTENTION_FUNCTIONS[before], before == "sdpa", attention_spans(lengths, prefixes))
     token = _BUCKETS.set(plan)
     config._attn_implementation = BUCKETED_ATTENTION
     try:
@@ -299,22 +311,51 @@ class TreeScorer:
             )
 
     @torch.no_grad()  # not inference_mode: under it, autocast re-casts every weight at every call (3x slower)
-    def score(self, groups: list[Group], offset: int | None = None) -> list[list[tuple[float, bool]]]:
+    def score(self, groups: list[Group], offset: int | list[int] | None = None) -> list[list[tuple[float, bool]]]:
         """For each group, (summed log-probability, is greedy) per continuation. `offset`: how many
-        leading context tokens (common to all groups) run once as a cached prefix; by default
-        `shared_prefix_length(groups)`. A subset of a call's groups scored again with the call's
-        offset is laid out, and so scored, as it was in the call."""
-        offset = shared_prefix_length(groups) if offset is None else offset
-        prefix_kv = self._prefix_cache(groups[0].context[:offset]) if offset else None
-        rows = [build_row(i, g, offset) for i, g in enumerate(groups)]
+        leading context tokens run once as a cached prefix, per group or one for all (groups
+        with the same leading tokens share one prefix); by default `shared_prefix_length(groups)`.
+        Rows of different prefixes batch together (each attends to its own), so a group's scores
+        depend on its own tokens and offset alone."""
+        if offset is None:
+            offset = shared_prefix_length(groups)
+        offsets = [offset] * len(groups) if isinstance(offset, int) else list(offset)
         needed = _Needed()
-        for batch in self._batches(rows):
-            needed.add(batch, self._score_batch(batch, offset, prefix_kv))
+        for wave in self._waves(groups, offsets):
+            # every prefix of the wave is held while its rows run (the kept ones may be dropped meanwhile)
+            starts = dict.fromkeys(tuple(groups[i].context[: offsets[i]]) for i in wave if offsets[i])
+            kv = {p: self._prefix_cache(list(p)) for p in starts}
+            rows = [build_row(i, groups[i], offsets[i]) for i in wave]
+            for batch in self._batches(rows):
+                # rows alike in width and prefix length side by side: fewer, larger attention calls
+                batch.sort(key=lambda r: (-attention_width(len(r.tokens)), r.prefix, -len(r.tokens), r.group))
+                prefixes = [kv.get(tuple(groups[r.group].context[: r.prefix])) for r in batch]
+                needed.add(batch, self._score_batch(batch, prefixes))
         out: list[list[tuple[float, bool]]] = [[(0.0, True)] * len(g.continuations) for g in groups]
         if needed.target:
             picked, greedy = self._head_logprobs(torch.cat(needed.hidden), needed.slot, needed.target)
             needed.sum_into(out, picked, greedy)
         return out
+
+    @staticmethod
+    def _waves(groups: list[Group], offsets: list[int]) -> Iterator[list[int]]:
+        """The groups in runs whose distinct prefixes hold at most `PREFIX_TOKENS_KEPT` tokens
+        together (one longer prefix: a run of its own), so that the key/value caches alive at
+        once stay bounded however many prefixes a call declares."""
+        wave: list[int] = []
+        seen: set[tuple[int, ...]] = set()
+        held = 0
+        for i in sorted(range(len(groups)), key=lambda i: (offsets[i], groups[i].context[: offsets[i]])):
+            prefix = tuple(groups[i].context[: offsets[i]])
+            if prefix not in seen:
+                if wave and held + len(prefix) > PREFIX_TOKENS_KEPT:
+                    yield wave
+                    wave, seen, held = [], set(), 0
+                seen.add(prefix)
+                held += len(prefix)
+            wave.append(i)
+        if wave:
+            yield wave
 
     def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
         """Rows sorted by length, cut into the batches that cost least: each batch costs its padded
@@ -358,10 +399,12 @@ class TreeScorer:
             self._prefixes[key] = self._prefixes.pop(key)  # now the most recent
         return self._prefixes[key]
 
-    def _score_batch(self, batch: list[_Row], offset: int, prefix_kv) -> torch.Tensor:
-        """The body's last hidden states (B, T, d) of a batch of rows."""
+    def _score_batch(self, batch: list[_Row], prefixes: list) -> torch.Tensor:
+        """The body's last hidden states (B, T, d) of a batch of rows, each after the key/value
+        cache of its prefix (`prefixes`, per row; None: none)."""
         lengths = [len(r.tokens) for r in batch]
         b, t = len(batch), max(lengths)
+        longest = max(r.prefix for r in batch)
         self.tokens += sum(lengths)
         self.padded_tokens += b * t
         # Laid out in numpy, one row at a time, then turned into tensors at once (per-row torch
@@ -371,17 +414,19 @@ class TreeScorer:
         owner = np.full((b, t), -2, dtype=np.int64)  # -2: padding
         for i, (row, n) in enumerate(zip(batch, lengths)):
             ids[i, :n], pos[i, :n], owner[i, :n] = row.tokens, row.positions, row.owner
-            pos[i, n:] = row.positions[-1] if n else offset
-        allowed = torch.ones(b, t, offset + t, dtype=torch.bool)  # every query sees the shared prefix
-        allowed[:, :, offset:] = tree_mask(torch.from_numpy(owner), torch.tensor(lengths))
+            pos[i, n:] = row.positions[-1] if n else row.prefix
+        allowed = torch.zeros(b, t, longest + t, dtype=torch.bool)
+        for i, row in enumerate(batch):
+            allowed[i, :, : row.prefix] = True  # every query sees its row's cached prefix
+        allowed[:, :, longest:] = tree_mask(torch.from_numpy(owner), torch.tensor(lengths))
         dtype = self.head.weight.dtype
-        mask = torch.zeros(b, 1, t, offset + t, dtype=dtype)
+        mask = torch.zeros(b, 1, t, longest + t, dtype=dtype)
         mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
         ids, pos = torch.from_numpy(ids), torch.from_numpy(pos)
         kwargs = {}
-        if prefix_kv is not None:
-            kwargs[self._cache_kw] = expanded_cache(prefix_kv, b)
-        with bucketed_attention(self.model, lengths):
+        if longest:
+            kwargs[self._cache_kw] = batch_cache(prefixes, [r.prefix for r in batch])
+        with bucketed_attention(self.model, lengths, [r.prefix for r in batch]):
             return self.body(
                 input_ids=ids.to(self.device),
                 position_ids=pos.to(self.device),
@@ -459,5 +504,26 @@ def expanded_cache(prefix_kv, batch_size: int):
     for i, layer in enumerate(prefix_kv.layers):
         keys = layer.keys.expand(batch_size, -1, -1, -1)
         values = layer.values.expand(batch_size, -1, -1, -1)
+        cache.update(keys, values, i)
+    return cache
+
+
+def batch_cache(prefixes: list, lengths: list[int]):
+    """A fresh DynamicCache holding each row's prefix cache (`prefixes`, of `lengths` tokens; None
+    where 0): one prefix for all, viewed per row; else each at the start of its row, zeros after it
+    up to the longest (which `_bucketed_attention` cuts out)."""
+    from transformers.cache_utils import DynamicCache
+
+    first = prefixes[lengths.index(max(lengths))]
+    if all(p is first for p in prefixes):
+        return expanded_cache(first, len(prefixes))
+    cache = DynamicCache()
+    for i, layer in enumerate(first.layers):
+        keys = layer.keys.new_zeros(len(prefixes), *layer.keys.shape[1:])
+        values = layer.values.new_zeros(len(prefixes), *layer.values.shape[1:])
+        for row, (prefix, n) in enumerate(zip(prefixes, lengths)):
+            if n:
+                keys[row, :, :n] = prefix.layers[i].keys[0, :, :n]
+                values[row, :, :n] = prefix.layers[i].values[0, :, :n]
         cache.update(keys, values, i)
     return cache
