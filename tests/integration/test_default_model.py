@@ -62,14 +62,20 @@ def test_real_model_scores_do_not_depend_on_batch_size(default_lm_float32):
 def test_real_model_scores_do_not_depend_on_the_other_examples(default_lm_float32, autocast):
     """Five-shot items of different lengths: each example's scores are the same bits alone, with
     the others, and in smaller batches (each row's attention runs at its own width; the
-    demonstrations' cache ends where each request says), in float32 and under bf16 autocast."""
+    demonstrations' cache ends where each request says), in float32 and under bf16 autocast;
+    so are those of examples with demonstrations of their own (`demos: similar`, each with its
+    own cached prefix, computed in batches and attended to beside the others')."""
     lines = (EXAMPLES / "siqa_train.jsonl").read_text().splitlines()
     items = [json.loads(line) for line in lines]
-    demos = "".join(f"Question: {d['question']}\nAnswer: {d['choices'][d['answer']]}\n\n" for d in items[:5])
-    examples = [
-        [Request(f"{demos}Question: {d['question']}\nAnswer:", f" {c}", len(demos) + 10) for c in d["choices"]]
-        for d in items[5:17]
-    ]
+
+    def shots(demos: list[dict]) -> str:
+        return "".join(f"Question: {d['question']}\nAnswer: {d['choices'][d['answer']]}\n\n" for d in demos)
+
+    def example(demos: str, d: dict) -> list[Request]:
+        return [Request(f"{demos}Question: {d['question']}\nAnswer:", f" {c}", len(demos) + 9) for c in d["choices"]]
+
+    examples = [example(shots(items[:5]), d) for d in items[5:17]]
+    examples += [example(shots(items[i - 4 : i]), items[i]) for i in range(17, 23)]  # each its own demonstrations
     base = default_lm_float32
     precision = Precision(torch.float32, torch.bfloat16 if autocast else torch.float32)
     lm, small = (HFLM(base.model, base.tokenizer, {}, size, precision) for size in (4096, 200))

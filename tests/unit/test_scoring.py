@@ -7,6 +7,7 @@ import torch
 
 from helpers.tiny import build_tiny_model
 from taskfit.config import ModelConfig
+from taskfit.models import scoring
 from taskfit.models.base import Request
 from taskfit.models.hf import HFLM, encode_pairs
 from taskfit.models.scoring import MIN_SHARED_PREFIX, Group, build_row, shared_prefix_length, tree_mask
@@ -345,21 +346,26 @@ def test_a_score_does_not_depend_on_what_else_is_scored(lm):
 
 def test_templates_scored_together_share_each_templates_demos(tiny_folder, monkeypatch):
     """An ensemble's call holds every template's requests: each template's demonstrations run
-    once (and are kept for the next call), the templates' rows run in the same batches, each
-    after its own template's demonstrations, and every score is what the template's requests
-    scored alone would give."""
+    once (and are kept for the next call), the three in one batch, the templates' rows in the
+    same batches, each after its own template's demonstrations, and every score is what the
+    template's requests scored alone would give."""
     templates = [DEMOS, DEMOS.replace("Question", "Q").replace("Answer", "A"), DEMOS.upper()]
     reqs = [Request(d + r.context, r.continuation, len(d)) for d in templates for r in requests()[:12]]
     lm = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
     alone = [lp for t in range(3) for lp in lm.loglikelihood(reqs[12 * t : 12 * (t + 1)])]
     fresh = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
     batches = []
-    real_batch = fresh.scorer._score_batch
-    monkeypatch.setattr(
-        fresh.scorer, "_score_batch", lambda b, p: batches.append({id(kv) for kv in p}) or real_batch(b, p)
-    )
+    real_forward = fresh.scorer._forward
+
+    def forward(batch, prefixes, use_cache=False):
+        batches.append((use_cache, len(batch), len({id(kv) for kv in prefixes})))
+        return real_forward(batch, prefixes, use_cache)
+
+    monkeypatch.setattr(fresh.scorer, "_forward", forward)
+    monkeypatch.setattr(scoring, "BATCH_OVERHEAD", 10_000)  # batches as large as allowed, whatever their padding
     assert fresh.loglikelihood(reqs) == alone
-    assert max(map(len, batches)) == 3  # a batch with every template's rows
+    assert batches[0] == (True, 3, 1)  # the three templates' demonstrations in one batch
+    assert max(n for cache, _, n in batches if not cache) == 3  # a batch with every template's rows
     assert fresh.scorer.tokens == lm.scorer.tokens  # each template's demonstrations once, as alone
     heads = [len(fresh.tokenizer(d, add_special_tokens=False).input_ids) for d in templates]
     assert fresh.scorer.tokens < sum(len(fresh._encode_pair(r.context, "")[0]) for r in reqs[::4])

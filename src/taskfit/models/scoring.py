@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -286,7 +286,7 @@ class TreeScorer:
         self.padded_tokens = 0
         """The same, padding included: what the batches cost."""
         self._prefixes: dict[tuple, object] = {}
-        """Shared prefixes' key/value caches, the latest per autocast state (see `_prefix_cache`)."""
+        """Shared prefixes' key/value caches, the latest per autocast state (see `_prefix_caches`)."""
         params = inspect.signature(self.body.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
@@ -323,8 +323,7 @@ class TreeScorer:
         needed = _Needed()
         for wave in self._waves(groups, offsets):
             # every prefix of the wave is held while its rows run (the kept ones may be dropped meanwhile)
-            starts = dict.fromkeys(tuple(groups[i].context[: offsets[i]]) for i in wave if offsets[i])
-            kv = {p: self._prefix_cache(list(p)) for p in starts}
+            kv = self._prefix_caches(list(dict.fromkeys(tuple(groups[i].context[: offsets[i]]) for i in wave)))
             rows = [build_row(i, groups[i], offsets[i]) for i in wave]
             for batch in self._batches(rows):
                 # rows alike in width and prefix length side by side: fewer, larger attention calls
@@ -377,31 +376,50 @@ class TreeScorer:
             i = cut[i]
         return batches[::-1]
 
-    def _prefix_cache(self, prefix: list[int]):
-        """The key/value cache of a shared prefix. The last ones computed are kept, per autocast
-        state, up to `PREFIX_TOKENS_KEPT` tokens: every chunk of a run with fixed demonstrations
-        shares the same prefixes. Whether a prefix is shared never depends on this memory, so
-        neither do the scores."""
+    def _prefix_caches(self, prefixes: list[tuple[int, ...]]) -> dict[tuple[int, ...], object]:
+        """The key/value caches of shared prefixes (the empty one has none). Those not kept are
+        computed together, in batches whose rows attend at their own widths (see
+        `_bucketed_attention`), so a prefix's cache has the same bits alone and beside others.
+        The last ones computed are kept, per autocast state, up to `PREFIX_TOKENS_KEPT` tokens:
+        every chunk of a run with fixed demonstrations shares the same prefixes. Whether a
+        prefix is shared never depends on this memory, so neither do the scores."""
+        out, missing = {}, []
+        for prefix in filter(None, prefixes):
+            key = prefix_key(prefix, self.device)
+            if key in self._prefixes:
+                out[prefix] = self._prefixes[key] = self._prefixes.pop(key)  # now the most recent
+            else:
+                missing.append(prefix)
+        rows = [_Row(i, list(p), list(range(len(p))), [-1] * len(p), []) for i, p in enumerate(missing)]
+        for batch in self._batches(rows):
+            output = self._forward(batch, [None] * len(batch), use_cache=True)
+            cache = output.cache if self._cache_kw == "cache" else output.past_key_values
+            for i, row in enumerate(batch):
+                prefix = missing[row.group]
+                out[prefix] = self._keep(prefix, row_cache(cache, i, len(prefix)))
+        return out
+
+    def _keep(self, prefix: tuple[int, ...], kv):
+        """Keep `kv` as the most recent prefix cache, dropping the oldest of its autocast state
+        beyond `PREFIX_TOKENS_KEPT` tokens."""
         key = prefix_key(prefix, self.device)
-        if key not in self._prefixes:
-            ids = torch.tensor([prefix], device=self.device)
-            self.tokens += len(prefix)
-            self.padded_tokens += len(prefix)
-            output = self.body(input_ids=ids, use_cache=True)
-            kept, room = {}, PREFIX_TOKENS_KEPT - len(prefix)
-            for k in reversed(self._prefixes):  # the most recent first
-                if k[1:] != key[1:] or len(k[0]) <= room:
-                    kept[k] = self._prefixes[k]
-                    room -= len(k[0]) if k[1:] == key[1:] else 0
-            self._prefixes = dict(reversed(kept.items()))
-            self._prefixes[key] = output.cache if self._cache_kw == "cache" else output.past_key_values
-        else:
-            self._prefixes[key] = self._prefixes.pop(key)  # now the most recent
-        return self._prefixes[key]
+        kept, room = {}, PREFIX_TOKENS_KEPT - len(prefix)
+        for k in reversed(self._prefixes):  # the most recent first
+            if k[1:] != key[1:] or len(k[0]) <= room:
+                kept[k] = self._prefixes[k]
+                room -= len(k[0]) if k[1:] == key[1:] else 0
+        self._prefixes = dict(reversed(kept.items()))
+        self._prefixes[key] = kv
+        return kv
 
     def _score_batch(self, batch: list[_Row], prefixes: list) -> torch.Tensor:
         """The body's last hidden states (B, T, d) of a batch of rows, each after the key/value
         cache of its prefix (`prefixes`, per row; None: none)."""
+        return self._forward(batch, prefixes).last_hidden_state
+
+    def _forward(self, batch: list[_Row], prefixes: list, use_cache: bool = False):
+        """The body's output for a batch of rows (see `_score_batch`); `use_cache`: with the
+        key/value cache of the rows' own tokens."""
         lengths = [len(r.tokens) for r in batch]
         b, t = len(batch), max(lengths)
         longest = max(r.prefix for r in batch)
@@ -431,9 +449,9 @@ class TreeScorer:
                 input_ids=ids.to(self.device),
                 position_ids=pos.to(self.device),
                 attention_mask=mask.to(self.device),
-                use_cache=False,
+                use_cache=use_cache,
                 **kwargs,
-            ).last_hidden_state
+            )
 
     def _head_logprobs(self, hidden: torch.Tensor, slot: list[int], target: list[int]) -> tuple[list, list]:
         """Per target: its float32 log-probability at its position (a row of `hidden`), and whether
@@ -491,7 +509,7 @@ class _Needed:
             out[group][j] = (lp, g)
 
 
-def prefix_key(prefix: list[int], device: torch.device) -> tuple:
+def prefix_key(prefix: Sequence[int], device: torch.device) -> tuple:
     """What a cached prefix's keys and values depend on: its tokens and the autocast state."""
     return (tuple(prefix), torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
 
@@ -506,6 +524,17 @@ def expanded_cache(prefix_kv, batch_size: int):
         values = layer.values.expand(batch_size, -1, -1, -1)
         cache.update(keys, values, i)
     return cache
+
+
+def row_cache(cache, row: int, length: int):
+    """A DynamicCache of the first `length` positions of one row of a batch's cache (copied, so
+    that the batch's is freed)."""
+    from transformers.cache_utils import DynamicCache
+
+    out = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys[row : row + 1, :, :length].clone(), layer.values[row : row + 1, :, :length].clone(), i)
+    return out
 
 
 def batch_cache(prefixes: list, lengths: list[int]):
