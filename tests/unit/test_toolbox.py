@@ -4,6 +4,7 @@ calibration, template selection on dev, spread across templates and demonstratio
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -165,6 +166,47 @@ def test_self_consistency_votes_and_reports_agreement(yesno, tmp_path):
     assert all(r["prediction"] == "yes" and r["vote_agreement"] == 5 / 8 for r in rows)
     assert rows[0]["probabilities"] == [3 / 8, 5 / 8]  # label order: no, yes
     assert results["r"]["vote_agreement"] == 5 / 8
+
+
+@pytest.mark.parametrize("margin", [0, 0.2])
+def test_mean_prob_near_ties_are_rechecked_in_float32_for_that_example_alone(yesno, tmp_path, margin):
+    """Under bf16, averaging the samples' option probabilities (`vote: mean_prob`) can bring two
+    options within the margin where no sample's answer strings were (q1: sample 0 says yes by
+    1.4 nats, sample 1 no by 1.8: means 0.47 / 0.53); that example's option scores are computed
+    again in float32, and only its own."""
+    bf16 = {("fire", 0): (-0.1, -1.5), ("fire", 1): (-2.0, -0.2)}  # (yes, no)
+    exact = {**bf16, ("fire", 1): (-0.5, -0.6)}  # float32: sample 1 barely says yes
+
+    def scores(table):
+        def score(r):
+            yes, no = table.get(("fire" if "fire" in r.context else "", int("Hmm" in r.context)), (-0.1, -3.0))
+            return yes if r.continuation.strip() == "yes" else no
+
+        return score
+
+    class Bf16LM(ScriptedLM):
+        def __init__(self):
+            super().__init__(script=lambda ctx, s, seed: " Hmm." if s else " I think so.", score=scores(bf16))
+            self.identity = {**self.identity, **({"recheck_margin": margin} if margin else {})}
+            self.exact: list = []
+
+        def loglikelihood_exact(self, requests):
+            self.exact.extend(requests)
+            return [scores(exact)(r) for r in requests]
+
+    lm = Bf16LM()
+    path = yesno(
+        'template: "Q: {{ question }}\\nA: {{ answer }}"\nchain_of_thought: true\nextract: "answer is (yes|no)"\n'
+        "samples: 2\ntemperature: 0.7\nvote: mean_prob"
+    )
+    taskfit.run(path, out=tmp_path / "out", lm=lm)
+    rows = rows_of(tmp_path / "out")
+    if not margin:
+        assert lm.exact == [] and [r["prediction"] for r in rows] == ["no", "yes", "yes"]
+        return
+    assert len(lm.exact) == 4 and all("fire" in r.context for r in lm.exact)  # q1's 2 samples x 2 options
+    assert [r["prediction"] for r in rows] == ["yes", "yes", "yes"]
+    assert rows[0]["probabilities"][1] == pytest.approx((1 / (1 + math.exp(-1.4)) + 1 / (1 + math.exp(-0.1))) / 2)
 
 
 # ---------------------------------------------------------------- ensembles and calibration

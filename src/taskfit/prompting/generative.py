@@ -11,14 +11,15 @@ metric of its own, so it is never silently right or wrong.
 from __future__ import annotations
 
 import re
+from collections import ChainMap
 from typing import Any
 
 from taskfit.config import PromptConfig
 from taskfit.data import Example
-from taskfit.models.base import LM, GenerationRequest, Request
+from taskfit.models.base import LM, GenerationRequest, Request, top_gap
 from taskfit.prompting.builder import Context, PromptBuilder, generation_prompt, generation_request
 from taskfit.prompting.extract import extract, majority_text, majority_vote, match_option, vote_shares
-from taskfit.prompting.strategy import answer_fields, argmax, softmax
+from taskfit.prompting.strategy import answer_fields, argmax, probability_gap, softmax
 from taskfit.tasks import Task
 
 
@@ -62,13 +63,12 @@ class GenerateStrategy:
         fallback = self._fallback_requests(examples, contexts, outputs, picks)
         wanted = list(dict.fromkeys(r for reqs in fallback.values() for per_option in reqs for r in per_option))
         loglik = dict(zip(wanted, lm.loglikelihood(wanted))) if wanted else {}
+        probs = {key: _option_probs(reqs, loglik) for key, reqs in fallback.items()}
+        if self.cfg.vote == "mean_prob":
+            _recheck_means(fallback, probs, loglik, lm)
         rows = []
         for i, (ex, ctx, texts) in enumerate(zip(examples, contexts, outputs)):
-            probs_per_sample = {
-                s: softmax([max(loglik[r] for r in per) for per in fallback[i, s]])
-                for s in range(len(texts))
-                if (i, s) in fallback
-            }
+            probs_per_sample = {s: probs[i, s] for s in range(len(texts)) if (i, s) in probs}
             row = self._choice_row(ex, ctx, texts, picks[i], probs_per_sample)
             rows.append({**row, "extracted": extracted[i]})
         return rows
@@ -102,6 +102,45 @@ class GenerateStrategy:
         if len(texts) > 1:
             row["vote_agreement"] = agreement
         return {**row, "probabilities": probs, "prompt": ctx.text}
+
+
+def _option_probs(requests: list[list[Request]], loglik) -> list[float]:
+    """Option probabilities after one sample's reasoning: a softmax over each option's best answer string."""
+    return softmax([max(loglik[r] for r in per) for per in requests])
+
+
+def _recheck_means(fallback: dict, probs: dict, loglik: dict, lm: LM) -> None:
+    """Under bf16 (a backend naming its `recheck_margin`), `vote: mean_prob` can bring an
+    example's two best options within the margin once its samples' probabilities are averaged,
+    where no sample's answer strings were that close (those the backend rechecked): that
+    example's option scores are computed again in float32, from its own requests alone, and its
+    samples' probabilities replaced in `probs`. The generated reasoning itself is not rechecked."""
+    margin = getattr(lm, "identity", {}).get("recheck_margin", 0)
+    if not margin:
+        return
+    samples: dict[int, list[int]] = {}
+    for i, s in fallback:
+        samples.setdefault(i, []).append(s)
+    means = {i: [sum(col) / len(ss) for col in zip(*(probs[i, s] for s in ss))] for i, ss in samples.items()}
+    close = [i for i, mean in means.items() if probability_gap(mean) < margin]
+    needs = {
+        i: [
+            r
+            for s in samples[i]
+            if top_gap(loglik[r] for per in fallback[i, s] for r in per) >= margin  # else rechecked already
+            for per in fallback[i, s]
+            for r in per
+        ]
+        for i in close
+    }
+    wanted = list(dict.fromkeys(r for reqs in needs.values() for r in reqs))
+    if not wanted:
+        return
+    exact = dict(zip(wanted, lm.loglikelihood_exact(wanted)))
+    for i, reqs in needs.items():
+        own = ChainMap({r: exact[r] for r in reqs}, loglik)
+        for s in samples[i]:
+            probs[i, s] = _option_probs(fallback[i, s], own)
 
 
 def _default_stop(cfg: PromptConfig) -> tuple[str, ...]:

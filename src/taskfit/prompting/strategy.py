@@ -115,7 +115,10 @@ class ScoreStrategy:
         if not margin:
             return
         close = [
-            (i, t) for i, per in enumerate(rows) for t, row in enumerate(per) if _top_gap(row["probabilities"]) < margin
+            (i, t)
+            for i, per in enumerate(rows)
+            for t, row in enumerate(per)
+            if probability_gap(row["probabilities"]) < margin
         ]
         needs = {
             (i, t): [
@@ -196,7 +199,7 @@ def argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))  # ties: the first option
 
 
-def _top_gap(probs: list[float]) -> float:
+def probability_gap(probs: list[float]) -> float:
     """Log-probability gap between the two most probable options (inf with fewer than two possible)."""
     return top_gap(math.log(p) for p in probs if p > 0)
 
