@@ -390,18 +390,24 @@ def test_fixed_demos_are_the_shared_start_of_every_context(write_yaml, fake_lm, 
     assert shared_start("demos + Q: x", "demos + Q: x", "demos + ", "A: ", fixed=True) == 8
 
 
-def test_calibration_with_per_example_demos_shows_the_examples_own_demos(write_yaml):
-    """Contextual calibration measures the bias of the prompt the example is scored with: under
-    `demos: similar` (demonstrations per example) each content-free input shows its example's
-    demonstrations, not those nearest to "N/A", and the example's queries all declare those
-    demonstrations as their shared start (computed once for the four of them)."""
+def similar_and_calibrated(write_yaml):
+    """(ScoreStrategy, Task, PromptConfig, first three test examples) of a 2-shot `demos: similar`
+    run with contextual calibration."""
     from taskfit.prompting.strategy import ScoreStrategy
 
     template = '"Review: {{ text }}\\nSentiment: {{ answer }}"'
     path = write_yaml(prompt_yaml(CLS_HEAD, template=template, shots=2, demos="similar", calibrate="contextual"))
     task, cfg = load_task(path), load_experiment(path).config.runs["r"].prompt
     strategy = ScoreStrategy(cfg, task, 0, "runs.r.prompt", cfg.template_list)
-    examples = list(task.split("test"))[:3]
+    return strategy, task, cfg, list(task.split("test"))[:3]
+
+
+def test_calibration_with_per_example_demos_shows_the_examples_own_demos(write_yaml):
+    """Contextual calibration measures the bias of the prompt the example is scored with: under
+    `demos: similar` (demonstrations per example) each content-free input shows its example's
+    demonstrations, not those nearest to "N/A", and the example's queries all declare those
+    demonstrations as their shared start (computed once for the four of them)."""
+    strategy, task, cfg, examples = similar_and_calibrated(write_yaml)
     demo_sets = set()
     for ex in examples:
         demos = strategy.prompts[0].builder.demo_text(ex)
@@ -413,20 +419,14 @@ def test_calibration_with_per_example_demos_shows_the_examples_own_demos(write_y
         assert starts == {demos + "Review:"}
     assert len(demo_sets) > 1  # the demonstrations are the examples' own
     # without calibration, a query's demonstrations are its own and nothing is declared shared
-    plain = ScoreStrategy(cfg.model_copy(update={"calibrate": "none"}), task, 0, "runs.r.prompt", cfg.template_list)
+    plain = type(strategy)(cfg.model_copy(update={"calibrate": "none"}), task, 0, "runs.r.prompt", cfg.template_list)
     assert {r.shared for ex in examples for reqs in plain.prompts[0].query(ex).requests for r in reqs} == {0}
 
 
 def test_calibration_queries_of_per_example_demos_reach_the_model(write_yaml, fake_lm):
     """End to end through `predict`: what the model is asked for the content-free inputs under
     `demos: similar` starts with each example's own demonstrations."""
-    from taskfit.prompting.strategy import ScoreStrategy
-
-    template = '"Review: {{ text }}\\nSentiment: {{ answer }}"'
-    path = write_yaml(prompt_yaml(CLS_HEAD, template=template, shots=2, demos="similar", calibrate="contextual"))
-    task, cfg = load_task(path), load_experiment(path).config.runs["r"].prompt
-    strategy = ScoreStrategy(cfg, task, 0, "runs.r.prompt", cfg.template_list)
-    examples = list(task.split("test"))[:3]
+    strategy, task, cfg, examples = similar_and_calibrated(write_yaml)
     lm = fake_lm()
     strategy.predict(examples, lm)
     for ex in examples:
