@@ -376,6 +376,18 @@ def test_templates_scored_together_share_each_templates_demos(tiny_folder, monke
     assert first - (fresh.scorer.tokens - first) >= sum(heads) - 2 * len(heads)
     for req, lp in zip(reqs, alone):
         assert lp == pytest.approx(naive(lm, req)[0], abs=1e-4)
+    # prefixes held in smaller waves (one template's at a time): the same scores
+    monkeypatch.setattr(scoring, "PREFIX_TOKENS_KEPT", min(heads) + 1)
+    waves = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
+    assert len(list(waves.scorer._waves(*grouped(waves, reqs)))) == 3
+    assert waves.loglikelihood(reqs) == alone
+
+
+def grouped(lm: HFLM, reqs: list[Request]) -> tuple[list[Group], list[int]]:
+    """The groups and declared prefix lengths of requests of one context each (`_waves`'s input)."""
+    pairs = lm._encode_pairs(reqs)
+    groups = [Group(ctx, [cont]) for ctx, cont in pairs]
+    return groups, [lm.starts.length(r.context, r.shared, ctx) for r, (ctx, _) in zip(reqs, pairs)]
 
 
 def test_a_recheck_lays_out_each_templates_groups_as_the_float32_pass_would(tiny_folder, lm, monkeypatch):
