@@ -209,6 +209,27 @@ def test_mean_prob_near_ties_are_rechecked_in_float32_for_that_example_alone(yes
     assert rows[0]["probabilities"][1] == pytest.approx((1 / (1 + math.exp(-1.4)) + 1 / (1 + math.exp(-0.1))) / 2)
 
 
+def test_fallback_scoring_after_similar_demos_shares_each_examples_demos(yesno, tmp_path):
+    """With demonstrations of its own per example (`demos: similar`), the fallback requests of all
+    samples of an example declare those demonstrations (and the template's lead) as their shared
+    start, so they are computed once for the example rather than once per sample."""
+    lm = ScriptedLM(script=lambda ctx, s, seed: f" Unsure {s}.")  # no answer to extract: every sample falls back
+    path = yesno(
+        'template: "Q: {{ question }}\\nA: {{ answer }}"\nshots: 2\ndemos: similar\nchain_of_thought: true\n'
+        'extract: "answer is (yes|no)"\nsamples: 2\ntemperature: 0.7'
+    )
+    taskfit.run(path, out=tmp_path / "out", lm=lm)
+    starts: dict[str, set[str]] = {}
+    for r in lm.scored:
+        question = r.context.split("Q: ")[-1].split("\n")[0]
+        starts.setdefault(question, set()).add(r.context[: r.shared])
+    assert len(lm.scored) == 3 * 2 * 2  # 3 questions x 2 samples x 2 options
+    assert all(len(s) == 1 for s in starts.values())  # one start per example, whatever the sample
+    for question, (start,) in starts.items():
+        assert start.endswith("Q:") and start.count("Q: ") == 2 and question not in start
+    assert len({s for (s,) in starts.values()}) > 1  # each example's own demonstrations
+
+
 # ---------------------------------------------------------------- ensembles and calibration
 
 TEMPLATES = 'templates:\n  - "Q: {{ question }}\\nA: {{ answer }}"\n  - "{{ question }} Answer: {{ answer }}"\n'

@@ -78,14 +78,22 @@ class GenerateStrategy:
         joiner = self.builder.reasoning_to_answer if self.cfg.chain_of_thought else ""
         out = {}
         for i, (ex, ctx, texts) in enumerate(zip(examples, contexts, outputs)):
+            start = None
             for s, text in enumerate(texts):
                 if picks[i][s] is None or self.cfg.vote == "mean_prob":
+                    start = self._fallback_start(ex, ctx) if start is None else start
                     head = generation_prompt(ctx) + text.rstrip() + joiner
                     out[i, s] = [
-                        [Request(head, a + ctx.rendered.after, ctx.shared) for a in strings]
+                        [Request(head, a + ctx.rendered.after, start) for a in strings]
                         for strings in self.builder.options(ex)
                     ]
         return out
+
+    def _fallback_start(self, ex: Example, ctx: Context) -> int:
+        """The start that one example's fallback requests declare shared: the run's, or where the
+        demonstrations are the example's own (`demos: similar`), those and the template's lead,
+        which every sample's requests begin with (computed once for the example's samples)."""
+        return self.builder.context(ex, share_demos=True).shared if self.builder.per_example_demos else ctx.shared
 
     def _choice_row(self, ex, ctx, texts, picks, probs_per_sample) -> dict[str, Any]:
         resolved = [p if p is not None else argmax(probs_per_sample[s]) for s, p in enumerate(picks)]
