@@ -19,6 +19,7 @@ benchmarks/run.sh --repeat 3 "$@"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/python benchmarks/throughput_bench.py
 .venv/bin/python benchmarks/generation_bench.py --device "$device"
+.venv/bin/python benchmarks/prefix_bench.py
 .venv/bin/python benchmarks/finetune_bench.py --device "$device"
 .venv/bin/python benchmarks/memory_bench.py
 .venv/bin/python benchmarks/summary.py

@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/summary.py [--out benchmarks/out]
 
-Reads the lm-eval comparison (results.json), throughput/, generation/, finetune_bench/ and
-memory/; a benchmark that has not run is listed as missing. Prints the table and writes it
+Reads the lm-eval comparison (results.json), throughput/, generation/, prefix/,
+finetune_bench/ and memory/; a benchmark that has not run is listed as missing. Prints the table and writes it
 to benchmarks/out/summary.md.
 """
 
@@ -109,6 +109,19 @@ def finetune_rows(out: Path) -> list[list[str]]:
     return rows
 
 
+def prefix_rows(out: Path) -> list[list[str]]:
+    data = load(out / "prefix" / "results.json")
+    what = "calibrated `demos: similar`: each example's demonstrations once"
+    peer = "the same requests, nothing declared shared"
+    if data is None:
+        return [[what, peer, "-", "missing", ""]]
+    measured = (
+        f"{data['speedup']:.2f}x ({data['not_shared_s']:.1f} s vs {data['shared_s']:.1f} s, {data['examples']} "
+        f"items, {data['dtype']}), {data['same_predictions']:.0%} same predictions"
+    )
+    return [[what, peer, "-", measured, ""]]
+
+
 def memory_rows(out: Path) -> list[list[str]]:
     data = load(out / "memory" / "results.json")
     what, peer = "peak memory of a run, tiny model", "the same run on 1k examples"
@@ -129,7 +142,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     args = parser.parse_args()
     rows = lm_eval_rows(args.out) + throughput_rows(args.out) + generation_rows(args.out)
-    rows += finetune_rows(args.out) + memory_rows(args.out)
+    rows += prefix_rows(args.out) + finetune_rows(args.out) + memory_rows(args.out)
     lines = ["| job | peer | goal | measured | met |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     text = "\n".join(lines) + "\n"
