@@ -7,9 +7,11 @@ answer strings of all labels). Each group becomes one row laid out as a small tr
 
 with a 4D attention mask in which each continuation sees the context and its own earlier
 tokens, never another continuation, and position ids that restart after the context for
-every continuation. A prefix shared by groups (fixed few-shot demonstrations: the start their
-requests declare shared, see `shared_length`) is run once and reused as a key/value cache. The
-LM head runs only at the positions whose next-token log-probability is needed.
+every continuation. A prefix shared by groups (the start their requests declare shared, see
+`shared_length`: fixed few-shot demonstrations for a whole run, or one example's own for its
+queries) is run once and reused as a key/value cache; a call's prefixes run together in
+batches, and rows after different prefixes share batches, each attending to its own. The LM
+head runs only at the positions whose next-token log-probability is needed.
 
 Token semantics follow lm-evaluation-harness: the continuation's score is the sum of
 log p(token | everything before) over its tokens; the final token of a continuation
