@@ -390,6 +390,29 @@ def grouped(lm: HFLM, reqs: list[Request]) -> tuple[list[Group], list[int]]:
     return groups, [lm.starts.length(r.context, r.shared, ctx) for r, (ctx, _) in zip(reqs, pairs)]
 
 
+def test_prefixes_reach_attention_per_span_and_through_a_cache_without_buckets(tiny_folder, monkeypatch):
+    """Through the buckets (sdpa), a batch runs without a cache: each span's prefix keys are put
+    before its rows' own there (no copy of every prefix for the whole batch). An attention the
+    buckets cannot run (eager) gets the rows' prefixes in a cache, padded to the longest and
+    masked: the same scores within float32 rounding."""
+    templates = [DEMOS, DEMOS.replace("Question", "Q").replace("Answer", "A")]
+    reqs = [Request(d + r.context, r.continuation, len(d)) for d in templates for r in requests()[:8]]
+    reqs += requests()[8:12]  # and rows without a prefix
+    lm = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
+    caches = []
+    real_cache = scoring.batch_cache
+    monkeypatch.setattr(scoring, "batch_cache", lambda *a: caches.append(a) or real_cache(*a))
+    monkeypatch.setattr(scoring, "BATCH_OVERHEAD", 10_000)  # every row in one batch
+    bucketed = lm.loglikelihood(reqs)
+    assert caches == []
+    eager = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
+    eager.model.config._attn_implementation = "eager"
+    assert eager.loglikelihood(reqs) == pytest.approx(bucketed, abs=1e-5)
+    assert caches and len({id(kv) for kv in caches[0][0]}) == 3  # two prefixes and none, in one batch
+    for req, lp in zip(reqs, bucketed):
+        assert lp == pytest.approx(naive(lm, req)[0], abs=1e-4)
+
+
 def test_a_recheck_lays_out_each_templates_groups_as_the_float32_pass_would(tiny_folder, lm, monkeypatch):
     """Under bf16 autocast with every group rechecked, an ensemble's call gives exactly the
     float32 scores: each group is rechecked with its own template's prefix."""
@@ -405,56 +428,62 @@ def test_a_recheck_lays_out_each_templates_groups_as_the_float32_pass_would(tiny
 
 def test_rows_attend_at_their_own_width_whatever_their_batch():
     """`_bucketed_attention` hands the model's attention each run of rows of one width (length
-    rounded up to 4), cut or zero-padded to it after the cached prefix, so a row's attention has
-    the same shapes alone and in any batch; the batch's padding after a row gets zeros."""
-    from taskfit.models import scoring
+    rounded up to 4) and prefix length: the rows' own keys (the batch runs without a cache) after
+    their prefixes' keys, cut or zero-padded to the width, so a row's attention has the same
+    shapes alone and in any batch; the batch's padding after a row gets zeros."""
+    from types import SimpleNamespace
 
     assert scoring.attention_spans([9, 8, 5, 4, 1]) == [(0, 1, 12, 0), (1, 3, 8, 0), (3, 5, 4, 0)]
     assert scoring.attention_spans([8, 7, 7, 3], [5, 5, 2, 2]) == [(0, 2, 8, 5), (2, 3, 8, 2), (3, 4, 4, 2)]
     seen = []
 
     def inner(module, q, k, v, m, **kwargs):
-        seen.append((q.shape[0], q.shape[2], k.shape[2], m.shape[-2:], kwargs))
+        seen.append((q.shape[0], q.shape[2], k.shape[2], m.shape[-2:], kwargs, k, m))
         return q.transpose(1, 2) + 1, None
+
+    def cache(keys):  # a prefix's key/value cache, one layer (keys as values too)
+        return SimpleNamespace(layers=[SimpleNamespace(keys=keys, values=keys)])
+
+    def attend(plan, *args, **kwargs):
+        token = scoring._BUCKETS.set(plan)
+        try:
+            return scoring._bucketed_attention(None, *args, **kwargs)[0]
+        finally:
+            scoring._BUCKETS.reset(token)
 
     rows, heads, t, prefix = 3, 2, 6, 5
     query = torch.randn(rows, heads, t, 4)
-    key = value = torch.randn(rows, 1, prefix + t, 4)
+    key = value = torch.randn(rows, 1, t, 4)  # the rows' own tokens'
     mask = torch.zeros(rows, 1, t, prefix + t)
-    token = scoring._BUCKETS.set(scoring._Buckets(inner, False, scoring.attention_spans([6, 5, 3], [prefix] * 3)))
-    try:
-        out, _ = scoring._bucketed_attention(None, query, key, value, mask, scaling=0.5)
-    finally:
-        scoring._BUCKETS.reset(token)
-    assert seen == [
+    shared = cache(torch.randn(1, 1, prefix, 4))
+    spans = scoring.attention_spans([6, 5, 3], [prefix] * 3)
+    out = attend(scoring._Buckets(inner, False, spans, [shared] * 3), query, key, value, mask, scaling=0.5)
+    assert [x[:5] for x in seen] == [
         (2, 8, prefix + 8, (8, prefix + 8), {"scaling": 0.5}),
         (1, 4, prefix + 4, (4, prefix + 4), {"scaling": 0.5}),
     ]
+    k = seen[0][5]
+    assert torch.equal(k[:, :, :prefix], shared.layers[0].keys.expand(2, -1, -1, -1))
+    assert torch.equal(k[:, :, prefix : prefix + t], key[:2]) and not k[:, :, prefix + t :].any()
     assert out.shape == (rows, t, heads, 4)
     assert torch.equal(out[:2], query[:2].transpose(1, 2) + 1)
     assert torch.equal(out[2, :4], query[2, :, :4].transpose(0, 1) + 1) and not out[2, 4:].any()
 
-    # Rows after prefixes of different lengths (laid out padded to the longest): each row's
-    # attention sees its own prefix's keys, then its own, as it would alone.
-    given = []
-    plan = scoring._Buckets(
-        lambda module, q, k, v, m, **kw: given.append((k, m)) or (q.transpose(1, 2), None), False, []
+    # Rows after different prefixes, one of another length: each row's attention sees its own
+    # prefix's keys, then its own; the mask's columns are cut to match.
+    seen.clear()
+    other = cache(torch.randn(1, 1, 2, 4))
+    spans = scoring.attention_spans([6, 6, 6], [prefix, prefix, 2])
+    attend(
+        scoring._Buckets(inner, False, spans, [shared, cache(-shared.layers[0].keys), other]), query, key, value, mask
     )
-    plan.spans = scoring.attention_spans([6, 6], [prefix, 2])
-    token = scoring._BUCKETS.set(plan)
-    try:
-        scoring._bucketed_attention(None, query[:2], key[:2], value[:2], mask[:2])
-    finally:
-        scoring._BUCKETS.reset(token)
-    (k0, m0), (k1, m1) = given
-    assert k0.shape[2] == prefix + 8 and torch.equal(k0[:, :, : prefix + t], key[:1])
-    assert k1.shape[2] == 2 + 8 and torch.equal(
-        k1[:, :, : 2 + t], torch.cat([key[1:2, :, :2], key[1:2, :, prefix:]], 2)
+    (_, _, _, _, _, k01, m01), (_, _, _, _, _, k2, m2) = seen
+    assert torch.equal(k01[:, :, :prefix], torch.cat([shared.layers[0].keys, -shared.layers[0].keys]))
+    assert k2.shape[2] == 2 + 8 and torch.equal(k2[:, :, :2], other.layers[0].keys)
+    assert torch.equal(k2[:, :, 2 : 2 + t], key[2:])
+    assert m2.shape[-1] == 2 + 8 and torch.equal(
+        m2[..., :t, : 2 + t], torch.cat([mask[2:, ..., :2], mask[2:, ..., prefix:]], -1)
     )
-    assert m1.shape[-1] == 2 + 8 and torch.equal(
-        m1[..., :t, : 2 + t], torch.cat([mask[1:2, ..., :2], mask[1:2, ..., prefix:]], -1)
-    )
-    assert not k1[:, :, 2 + t :].any()
 
 
 def test_every_layer_attends_through_the_buckets_and_the_model_keeps_its_attention(lm, monkeypatch):
@@ -495,7 +524,9 @@ def test_sdpa_runs_without_copies_of_the_key_value_heads_and_gives_the_same_bits
     direct = lm.loglikelihood(reqs)
     assert grouped and all(grouped)
     real_buckets = scoring._Buckets
-    monkeypatch.setattr(scoring, "_Buckets", lambda inner, sdpa, spans: real_buckets(inner, False, spans))
+    monkeypatch.setattr(
+        scoring, "_Buckets", lambda inner, sdpa, spans, caches: real_buckets(inner, False, spans, caches)
+    )
     grouped.clear()
     assert lm.loglikelihood(reqs) == direct
     assert grouped and not any(grouped)

@@ -154,6 +154,7 @@ class _Buckets:
     inner: Callable  # the model's own attention function (transformers' sdpa, ...)
     sdpa: bool  # whether that is transformers' sdpa
     spans: list[tuple[int, int, int, int]]  # (first row, end row, width, prefix) of each run of rows alike
+    caches: list | None = None  # per row, its prefix's key/value cache (None: no prefix)
     calls: int = 0
 
 
@@ -183,22 +184,27 @@ def attention_spans(lengths: list[int], prefixes: list[int] | None = None) -> li
 
 def _bucketed_attention(module, query, key, value, attention_mask, **kwargs):
     """The model's own attention, run per span of rows of one width and prefix length
-    (`attention_spans`), each row's keys cut to its own cached prefix (where the batch's prefixes
-    differ in length: laid out padded to the longest) and its queries and keys cut (or
-    zero-padded) to its width after it: a row's attention has the same shapes, so the same
-    rounding, in any batch (the kernels round differently at other key lengths: up to ~2e-5 on
-    the default model's five-shot scores). The padding a batch adds after a row gets zeros,
-    which no real position reads. Returns (rows, length, heads, head dim), as transformers'
-    attention functions do."""
+    (`attention_spans`): the rows' keys and values are their own tokens' (the batch runs without
+    a cache), after which each span's prefixes are put before them (`_Buckets.caches`), and the
+    queries and own keys are cut (or zero-padded) to the span's width. A row's attention has the
+    same shapes, so the same rounding, in any batch (the kernels round differently at other key
+    lengths: up to ~2e-5 on the default model's five-shot scores), and a prefix's keys exist
+    once per span, never for the whole batch at once. The mask spans the batch's longest prefix,
+    then the rows' own tokens. The padding a batch adds after a row gets zeros, which no real
+    position reads. Returns (rows, length, heads, head dim), as transformers' attention
+    functions do."""
     plan = _BUCKETS.get()
     plan.calls += 1
     rows, heads, t, dim = query.shape
-    longest = key.shape[2] - t  # the batch's longest cached prefix
+    longest = attention_mask.shape[-1] - t  # the batch's longest prefix
+    layer = getattr(module, "layer_idx", plan.calls - 1)
     out = None
     for start, end, width, prefix in plan.spans:
         q, k, v, m = query[start:end], key[start:end], value[start:end], attention_mask[start:end]
-        if prefix < longest:  # the row's own prefix, then its own keys
-            k, v = (torch.cat([x[:, :, :prefix], x[:, :, longest:]], dim=2) for x in (k, v))
+        if prefix:  # the rows' prefixes, then their own keys
+            pk, pv = _prefix_keys(plan.caches[start:end], layer)
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        if prefix < longest:
             m = torch.cat([m[..., :prefix], m[..., longest:]], dim=-1)
         if width > t:  # the batch's longest rows: padded here, not in the layers around attention
             extra = width - t
@@ -222,23 +228,44 @@ def _bucketed_attention(module, query, key, value, attention_mask, **kwargs):
     return out, None
 
 
+def _prefix_keys(caches: list, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's prefix keys and values for a span of rows (one prefix: a view per row)."""
+    first = caches[0].layers[layer]
+    if all(c is caches[0] for c in caches):
+        n = len(caches)
+        return first.keys.expand(n, -1, -1, -1), first.values.expand(n, -1, -1, -1)
+    layers = [c.layers[layer] for c in caches]
+    return torch.cat([x.keys for x in layers]), torch.cat([x.values for x in layers])
+
+
+def buckets_apply(model) -> bool:
+    """Whether the model's attention is one `bucketed_attention` can run per span: one of
+    transformers' registered functions (sdpa, flash, flex; not eager, which lives in each
+    model's code)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    implementation = getattr(model.config, "_attn_implementation", None)
+    return implementation in ALL_ATTENTION_FUNCTIONS and implementation != BUCKETED_ATTENTION
+
+
 @contextlib.contextmanager
-def bucketed_attention(model, lengths: list[int], prefixes: list[int] | None = None) -> Iterator[None]:
+def bucketed_attention(
+    model, lengths: list[int], prefixes: list[int] | None = None, caches: list | None = None
+) -> Iterator[None]:
     """Within: the model's attention runs through `_bucketed_attention` for rows of `lengths`
-    after cached prefixes of `prefixes` tokens, where its attention is one of transformers'
-    registered functions (sdpa, flash, flex; not eager, which lives in each model's code: then
-    as it is)."""
+    after prefixes of `prefixes` tokens (their key/value `caches`, per row), where
+    `buckets_apply` (else as it is)."""
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    config = model.config
-    before = getattr(config, "_attn_implementation", None)
-    if before not in ALL_ATTENTION_FUNCTIONS or before == BUCKETED_ATTENTION:
+    if not buckets_apply(model):
         yield
         return
+    config = model.config
+    before = config._attn_implementation
     if BUCKETED_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(BUCKETED_ATTENTION, _bucketed_attention)
-    plan = _Buckets(ALL_ATTENTION_FUNCTIONS[before], before == "sdpa", attention_spans(lengths, prefixes))
+    plan = _Buckets(ALL_ATTENTION_FUNCTIONS[before], before == "sdpa", attention_spans(lengths, prefixes), caches)
     token = _BUCKETS.set(plan)
     config._attn_implementation = BUCKETED_ATTENTION
     try:
@@ -444,9 +471,9 @@ class TreeScorer:
         mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
         ids, pos = torch.from_numpy(ids), torch.from_numpy(pos)
         kwargs = {}
-        if longest:
+        if longest and not buckets_apply(self.model):  # else the buckets put each row's prefix before it
             kwargs[self._cache_kw] = batch_cache(prefixes, [r.prefix for r in batch])
-        with bucketed_attention(self.model, lengths, [r.prefix for r in batch]):
+        with bucketed_attention(self.model, lengths, [r.prefix for r in batch], prefixes):
             return self.body(
                 input_ids=ids.to(self.device),
                 position_ids=pos.to(self.device),
@@ -541,8 +568,9 @@ def row_cache(cache, row: int, length: int):
 
 def batch_cache(prefixes: list, lengths: list[int]):
     """A fresh DynamicCache holding each row's prefix cache (`prefixes`, of `lengths` tokens; None
-    where 0): one prefix for all, viewed per row; else each at the start of its row, zeros after it
-    up to the longest (which `_bucketed_attention` cuts out)."""
+    where 0), for attention that does not go through `bucketed_attention`: one prefix for all,
+    viewed per row; else each at the start of its row, zeros after it up to the longest (which
+    the mask hides)."""
     from transformers.cache_utils import DynamicCache
 
     first = prefixes[lengths.index(max(lengths))]
