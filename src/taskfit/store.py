@@ -78,7 +78,7 @@ def request_key(req: tuple) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-COMPUTATION = 6
+COMPUTATION = 7
 """How results are computed. Bump it with any change that moves the bits of a score or of a
 generated text (layouts, kernels, decoding): the cache file depends on it, so a run resumed
 after such a change recomputes everything instead of mixing results of two versions.
@@ -86,7 +86,8 @@ after such a change recomputes everything instead of mixing results of two versi
 3: prefixes per cluster of a call's groups (replaced); 4: scoring shares the start a request
 declares (`Request.shared`), not a call's common prefix; 5: that start also holds a chat
 header without fixed demonstrations and the template's literal start; 6: each row's attention
-runs at its own length rounded up to 4.
+runs at its own length rounded up to 4; 7: a call's prefixes run together in batches through
+that attention, and a declared start leaves out the template lead's trailing spaces.
 Files of earlier versions stay where they were, unread.)"""
 
 
