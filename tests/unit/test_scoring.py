@@ -267,7 +267,6 @@ def test_architectures_that_change_their_logits_score_as_their_own_forward(archi
 
 def test_an_output_layer_the_scorer_cannot_reproduce_is_refused(tmp_path, monkeypatch):
     from taskfit import TaskfitError
-    from taskfit.models import scoring
 
     folder = build_tiny_model(tmp_path / "granite", architecture="granite")
     monkeypatch.setattr(scoring, "output_transform", lambda model: lambda logits: logits)  # as if unknown
@@ -379,11 +378,11 @@ def test_templates_scored_together_share_each_templates_demos(tiny_folder, monke
     # prefixes held in smaller waves (one template's at a time): the same scores
     monkeypatch.setattr(scoring, "PREFIX_TOKENS_KEPT", min(heads) + 1)
     waves = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
-    assert len(list(waves.scorer._waves(*grouped(waves, reqs)))) == 3
+    assert len(list(waves.scorer._waves(*groups_and_starts(waves, reqs)))) == 3
     assert waves.loglikelihood(reqs) == alone
 
 
-def grouped(lm: HFLM, reqs: list[Request]) -> tuple[list[Group], list[int]]:
+def groups_and_starts(lm: HFLM, reqs: list[Request]) -> tuple[list[Group], list[int]]:
     """The groups and declared prefix lengths of requests of one context each (`_waves`'s input)."""
     pairs = lm._encode_pairs(reqs)
     groups = [Group(ctx, [cont]) for ctx, cont in pairs]
@@ -487,7 +486,6 @@ def test_rows_attend_at_their_own_width_whatever_their_batch():
 
 
 def test_every_layer_attends_through_the_buckets_and_the_model_keeps_its_attention(lm, monkeypatch):
-    from taskfit.models import scoring
 
     plans = []
     real = scoring._Buckets
@@ -510,8 +508,6 @@ def test_sdpa_runs_without_copies_of_the_key_value_heads_and_gives_the_same_bits
     and 2 key/value heads) instead of through transformers' function, which copies each key/value
     head per query head where a mask is given: the same scores, bit for bit."""
     import torch.nn.functional as F
-
-    from taskfit.models import scoring
 
     reqs = mixed_requests()
     real_sdpa, grouped = F.scaled_dot_product_attention, []
