@@ -11,15 +11,22 @@ metric of its own, so it is never silently right or wrong.
 from __future__ import annotations
 
 import re
-from collections import ChainMap
 from typing import Any
 
 from taskfit.config import PromptConfig
 from taskfit.data import Example
-from taskfit.models.base import LM, GenerationRequest, Request, top_gap
+from taskfit.models.base import LM, GenerationRequest, Request
 from taskfit.prompting.builder import Context, PromptBuilder, generation_prompt, generation_request
 from taskfit.prompting.extract import extract, majority_text, majority_vote, match_option, vote_shares
-from taskfit.prompting.strategy import answer_fields, argmax, probability_gap, softmax
+from taskfit.prompting.strategy import (
+    answer_fields,
+    argmax,
+    not_rechecked,
+    probability_gap,
+    recheck_margin,
+    softmax,
+    with_exact,
+)
 from taskfit.tasks import Task
 
 
@@ -123,7 +130,7 @@ def _recheck_means(fallback: dict, probs: dict, loglik: dict, lm: LM) -> None:
     where no sample's answer strings were that close (those the backend rechecked): that
     example's option scores are computed again in float32, from its own requests alone, and its
     samples' probabilities replaced in `probs`. The generated reasoning itself is not rechecked."""
-    margin = getattr(lm, "identity", {}).get("recheck_margin", 0)
+    margin = recheck_margin(lm)
     if not margin:
         return
     samples: dict[int, list[int]] = {}
@@ -131,22 +138,8 @@ def _recheck_means(fallback: dict, probs: dict, loglik: dict, lm: LM) -> None:
         samples.setdefault(i, []).append(s)
     means = {i: [sum(col) / len(ss) for col in zip(*(probs[i, s] for s in ss))] for i, ss in samples.items()}
     close = [i for i, mean in means.items() if probability_gap(mean) < margin]
-    needs = {
-        i: [
-            r
-            for s in samples[i]
-            if top_gap(loglik[r] for per in fallback[i, s] for r in per) >= margin  # else rechecked already
-            for per in fallback[i, s]
-            for r in per
-        ]
-        for i in close
-    }
-    wanted = list(dict.fromkeys(r for reqs in needs.values() for r in reqs))
-    if not wanted:
-        return
-    exact = dict(zip(wanted, lm.loglikelihood_exact(wanted)))
-    for i, reqs in needs.items():
-        own = ChainMap({r: exact[r] for r in reqs}, loglik)
+    needs = {i: [r for s in samples[i] for r in not_rechecked(fallback[i, s], loglik, margin)] for i in close}
+    for i, own in with_exact(lm, needs, loglik).items():
         for s in samples[i]:
             probs[i, s] = _option_probs(fallback[i, s], own)
 

@@ -111,7 +111,7 @@ class ScoreStrategy:
         close, which misses near-ties that pooling, normalization or calibration make. A row is
         recomputed from its own queries' float32 scores alone (the content-free queries other
         examples share keep their bf16 scores there), so it depends on no other example."""
-        margin = getattr(lm, "identity", {}).get("recheck_margin", 0)
+        margin = recheck_margin(lm)
         if not margin:
             return
         close = [
@@ -121,23 +121,11 @@ class ScoreStrategy:
             if probability_gap(row["probabilities"]) < margin
         ]
         needs = {
-            (i, t): [
-                r
-                for q in [queries[t][i], *free[t][i]]
-                if _raw_gap(q, loglik) >= margin
-                for reqs in q.requests
-                for r in reqs
-            ]
+            (i, t): [r for q in [queries[t][i], *free[t][i]] for r in not_rechecked(q.requests, loglik, margin)]
             for i, t in close
-        }  # a query whose answer strings were this close was rechecked by the backend already
-        wanted = list(dict.fromkeys(r for reqs in needs.values() for r in reqs))
-        if not wanted:
-            return
-        exact = dict(zip(wanted, lm.loglikelihood_exact(wanted)))
-        for (i, t), reqs in needs.items():
-            if reqs:
-                own = ChainMap({r: exact[r] for r in reqs}, loglik)
-                rows[i][t] = self._template_row(t, queries[t][i], free[t][i], own)
+        }
+        for (i, t), own in with_exact(lm, needs, loglik).items():
+            rows[i][t] = self._template_row(t, queries[t][i], free[t][i], own)
 
     def _template_row(self, t: int, query: Query, free: list[Query], loglik) -> dict[str, Any]:
         prompt = self.prompts[t]
@@ -204,9 +192,27 @@ def probability_gap(probs: list[float]) -> float:
     return top_gap(math.log(p) for p in probs if p > 0)
 
 
-def _raw_gap(query: Query, loglik: dict[Request, float]) -> float:
-    """Gap between a query's two best answer strings' scores: what the backend's recheck looks at."""
-    return top_gap(loglik[r] for reqs in query.requests for r in reqs)
+def recheck_margin(lm: LM) -> float:
+    """The margin within which a backend computing in bf16 has near-ties rechecked in float32 (0: none)."""
+    return getattr(lm, "identity", {}).get("recheck_margin", 0)
+
+
+def not_rechecked(requests: list[list[Request]], loglik: dict[Request, float], margin: float) -> list[Request]:
+    """One context's requests (per option, its answer strings), unless the backend rechecked them
+    in float32 already, which it does where two of their scores are within `margin`."""
+    flat = [r for reqs in requests for r in reqs]
+    return flat if top_gap(loglik[r] for r in flat) >= margin else []
+
+
+def with_exact(lm: LM, needs: dict, loglik: dict[Request, float]) -> dict:
+    """Per key of `needs` with requests, `loglik` with those requests' float32 scores in place of
+    their bf16 ones (one `loglikelihood_exact` call for all keys; each key sees only its own, so
+    requests that other keys share keep their bf16 scores there)."""
+    wanted = list(dict.fromkeys(r for reqs in needs.values() for r in reqs))
+    if not wanted:
+        return {}
+    exact = dict(zip(wanted, lm.loglikelihood_exact(wanted)))
+    return {key: ChainMap({r: exact[r] for r in reqs}, loglik) for key, reqs in needs.items() if reqs}
 
 
 def softmax(scores: list[float]) -> list[float]:
