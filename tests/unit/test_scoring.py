@@ -378,15 +378,14 @@ def test_templates_scored_together_share_each_templates_demos(tiny_folder, monke
     # prefixes held in smaller waves (one template's at a time): the same scores
     monkeypatch.setattr(scoring, "PREFIX_TOKENS_KEPT", min(heads) + 1)
     waves = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
-    assert len(list(waves.scorer._waves(*groups_and_starts(waves, reqs)))) == 3
+    assert len(list(waves.scorer._waves(declared_starts(waves, reqs)))) == 3
     assert waves.loglikelihood(reqs) == alone
 
 
-def groups_and_starts(lm: HFLM, reqs: list[Request]) -> tuple[list[Group], list[int]]:
-    """The groups and declared prefix lengths of requests of one context each (`_waves`'s input)."""
+def declared_starts(lm: HFLM, reqs: list[Request]) -> list[tuple[int, ...]]:
+    """The tokens of each request's declared shared start (`_waves`'s input)."""
     pairs = lm._encode_pairs(reqs)
-    groups = [Group(ctx, [cont]) for ctx, cont in pairs]
-    return groups, [lm.starts.length(r.context, r.shared, ctx) for r, (ctx, _) in zip(reqs, pairs)]
+    return [tuple(ctx[: lm.starts.length(r.context, r.shared, ctx)]) for r, (ctx, _) in zip(reqs, pairs)]
 
 
 def test_prefixes_reach_attention_per_span_and_through_a_cache_without_buckets(tiny_folder, monkeypatch):

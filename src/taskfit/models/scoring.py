@@ -349,16 +349,16 @@ class TreeScorer:
         if offset is None:
             offset = shared_prefix_length(groups)
         offsets = [offset] * len(groups) if isinstance(offset, int) else list(offset)
+        starts = [tuple(g.context[:n]) for g, n in zip(groups, offsets)]
         needed = _Needed()
-        for wave in self._waves(groups, offsets):
+        for wave in self._waves(starts):
             # every prefix of the wave is held while its rows run (the kept ones may be dropped meanwhile)
-            kv = self._prefix_caches(list(dict.fromkeys(tuple(groups[i].context[: offsets[i]]) for i in wave)))
+            kv = self._prefix_caches(list(dict.fromkeys(starts[i] for i in wave)))
             rows = [build_row(i, groups[i], offsets[i]) for i in wave]
             for batch in self._batches(rows):
                 # rows alike in width and prefix length side by side: fewer, larger attention calls
                 batch.sort(key=lambda r: (-attention_width(len(r.tokens)), r.prefix, -len(r.tokens), r.group))
-                prefixes = [kv.get(tuple(groups[r.group].context[: r.prefix])) for r in batch]
-                needed.add(batch, self._score_batch(batch, prefixes))
+                needed.add(batch, self._score_batch(batch, [kv.get(starts[r.group]) for r in batch]))
         out: list[list[tuple[float, bool]]] = [[(0.0, True)] * len(g.continuations) for g in groups]
         if needed.target:
             picked, greedy = self._head_logprobs(torch.cat(needed.hidden), needed.slot, needed.target)
@@ -366,15 +366,15 @@ class TreeScorer:
         return out
 
     @staticmethod
-    def _waves(groups: list[Group], offsets: list[int]) -> Iterator[list[int]]:
-        """The groups in runs whose distinct prefixes hold at most `PREFIX_TOKENS_KEPT` tokens
-        together (one longer prefix: a run of its own), so that the key/value caches alive at
-        once stay bounded however many prefixes a call declares."""
+    def _waves(starts: list[tuple[int, ...]]) -> Iterator[list[int]]:
+        """The groups (by their cached prefixes' tokens, `starts`) in runs whose distinct prefixes
+        hold at most `PREFIX_TOKENS_KEPT` tokens together (one longer prefix: a run of its own), so
+        that the key/value caches alive at once stay bounded however many prefixes a call declares."""
         wave: list[int] = []
         seen: set[tuple[int, ...]] = set()
         held = 0
-        for i in sorted(range(len(groups)), key=lambda i: (offsets[i], groups[i].context[: offsets[i]])):
-            prefix = tuple(groups[i].context[: offsets[i]])
+        for i in sorted(range(len(starts)), key=lambda i: (len(starts[i]), starts[i])):
+            prefix = starts[i]
             if prefix not in seen:
                 if wave and held + len(prefix) > PREFIX_TOKENS_KEPT:
                     yield wave
