@@ -7,6 +7,7 @@ A cell's folder is `<run>/` when the run has one model, one seed and no variants
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from taskfit.config import Experiment, ModelConfig, RunConfig, load_experiment
 from taskfit.errors import TaskfitError, did_you_mean
 from taskfit.evaluation.aggregate import aggregate_seeds, spread
 from taskfit.finetune_cell import check_finetune_cell, run_finetune_cell
+from taskfit.models import frozen_load
 from taskfit.models.base import LM
 from taskfit.models.cached import CachedLM
 from taskfit.store import ScoreCache, atomic_write, is_main_process, merge_results
@@ -152,22 +154,34 @@ def run(
             )
     if not main:
         return {}
-    for model, cells in by_model.items():
-        prompted = [c for c in cells if p.runs[c.run].prompt]
-        if not prompted:
-            continue
-        model_lm = lm or _load(model)
-        cached = CachedLM(model_lm, ScoreCache.for_model(out_dir, model_lm.identity))
-        try:
-            with cached.session():
-                for cell in prompted:
-                    prompt = p.runs[cell.run].prompt
-                    per_cell[cell] = run_cell(
-                        cell, prompt, p.task, p.test_examples(), cached, out_dir, p.experiment.root, progress, tracker
-                    )
-        finally:
-            cached.cache.close()
-        del model_lm, cached  # one model in memory at a time
+    models = [
+        (model, prompted)
+        for model, cells in by_model.items()
+        if (prompted := [c for c in cells if p.runs[c.run].prompt])
+    ]
+    for k, (model, prompted) in enumerate(models):
+        with frozen_load(lambda m=model: lm or _load(m)) as model_lm:
+            cached = CachedLM(model_lm, ScoreCache.for_model(out_dir, model_lm.identity))
+            try:
+                with cached.session():
+                    for cell in prompted:
+                        prompt = p.runs[cell.run].prompt
+                        per_cell[cell] = run_cell(
+                            cell,
+                            prompt,
+                            p.task,
+                            p.test_examples(),
+                            cached,
+                            out_dir,
+                            p.experiment.root,
+                            progress,
+                            tracker,
+                        )
+            finally:
+                cached.cache.close()
+        del model_lm, cached  # one model in memory at a time:
+        if k + 1 < len(models):
+            gc.collect()  # its reference cycles freed before the next one loads (with the collector paused)
     results = _results(p.cells, per_cell)
     atomic_write(out_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     keep = {c.label for c in grid(cfg.model_list, cfg.runs, cfg.seed_list)} | set(cfg.runs) | set(results)

@@ -252,6 +252,42 @@ def test_model_loading_pauses_the_collector_and_restores_it(enabled, tiny_folder
         gc.enable()
 
 
+class _Cyclic:
+    """Stands for a loaded model: freed only by the cyclic collector."""
+
+    def __init__(self):
+        self.me = self
+
+
+@pytest.mark.parametrize("frozen_before", [False, True])
+def test_a_loaded_model_stays_out_of_the_collectors_walks_until_released(frozen_before):
+    import gc
+    import weakref
+
+    from taskfit.models import frozen_load
+
+    gc.collect()
+    gc.unfreeze()
+    if frozen_before:
+        gc.freeze()
+    before = gc.get_freeze_count()
+    seen = []
+    try:
+        with frozen_load(lambda: seen.append(gc.isenabled()) or _Cyclic()) as lm:
+            assert seen == [False] and gc.isenabled()  # loaded with the collector paused, then on again
+            assert gc.get_freeze_count() > before  # the model among the frozen objects: never walked
+            ref = weakref.ref(lm)
+            gc.collect()
+            assert ref() is lm
+        # after: the model is collectable again, unless something had frozen objects before
+        assert (gc.get_freeze_count() == 0) is (not frozen_before)
+        del lm
+        gc.collect()
+        assert (ref() is None) is (not frozen_before)
+    finally:
+        gc.unfreeze()
+
+
 @pytest.mark.parametrize("architecture", ["gemma2", "cohere", "granite"])
 def test_architectures_that_change_their_logits_score_as_their_own_forward(architecture, tmp_path):
     """Gemma 2 soft-caps, Cohere and Granite scale the head's logits: the scorer (body + head)

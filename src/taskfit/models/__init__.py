@@ -1,13 +1,13 @@
 """Language models behind one small contract (see `base.LM`)."""
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from taskfit.models.base import LM, Request
 from taskfit.models.registry import ALIASES, resolve
 
-__all__ = ["ALIASES", "LM", "Request", "load_model", "paused_collector", "resolve"]
+__all__ = ["ALIASES", "LM", "Request", "frozen_load", "load_model", "paused_collector", "resolve"]
 
 
 def load_model(config=None) -> LM:
@@ -34,3 +34,23 @@ def paused_collector() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+@contextmanager
+def frozen_load(load: Callable[[], LM]) -> Iterator[LM]:
+    """Within: the LM that `load()` returns, everything that exists once it has loaded (the model
+    and the modules imported for it: about a million objects on the default model) left out of
+    the cyclic garbage collector's walks (`gc.freeze`); after: back in, so that the model, which
+    holds reference cycles, can be collected once released. Made while the collector is paused
+    (`paused_collector`), they would all be young, and its next three collections would walk
+    every one of them to find nothing (~0.7 s on the default CPU). Where something had frozen
+    objects before, they stay frozen."""
+    with paused_collector():
+        before = gc.get_freeze_count()
+        lm = load()
+        gc.freeze()
+    try:
+        yield lm
+    finally:
+        if not before:
+            gc.unfreeze()
