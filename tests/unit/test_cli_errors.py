@@ -165,3 +165,25 @@ def test_models_lists_the_default_alias(tmp_path):
 def test_no_arguments_shows_help(runner):
     result = runner.invoke(app, [])
     assert "run" in result.output and "validate" in result.output and "models" in result.output
+
+
+@pytest.mark.parametrize(("code", "status"), [(None, 0), (2, 2), ("a message", 1)])
+def test_leaving_runs_what_an_ordinary_exit_runs(code, status, tmp_path):
+    """The CLI ends without the interpreter's teardown: its threads still finish, its atexit
+    handlers still run, its buffered output is still written, and the status is sys.exit's."""
+    script = f"""
+import atexit, threading, time, sys
+from pathlib import Path
+from taskfit.cli import _leave
+out = Path({str(tmp_path)!r})
+threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("done"))).start()
+atexit.register(lambda: (out / "atexit").write_text("done"))
+sys.stdout.write("buffered, no newline")
+_leave({code!r})
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == status, proc.stderr
+    assert proc.stdout == "buffered, no newline"
+    assert (tmp_path / "thread").read_text() == "done"
+    assert (tmp_path / "atexit").read_text() == "done"
+    assert ("a message" in proc.stderr) is (code == "a message")
