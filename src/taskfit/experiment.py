@@ -161,25 +161,8 @@ def run(
     ]
     for k, (model, prompted) in enumerate(models):
         with frozen_load(lambda m=model: lm or _load(m)) as model_lm:
-            cached = CachedLM(model_lm, ScoreCache.for_model(out_dir, model_lm.identity))
-            try:
-                with cached.session():
-                    for cell in prompted:
-                        prompt = p.runs[cell.run].prompt
-                        per_cell[cell] = run_cell(
-                            cell,
-                            prompt,
-                            p.task,
-                            p.test_examples(),
-                            cached,
-                            out_dir,
-                            p.experiment.root,
-                            progress,
-                            tracker,
-                        )
-            finally:
-                cached.cache.close()
-        del model_lm, cached  # one model in memory at a time:
+            per_cell.update(_run_prompted(model_lm, prompted, p, out_dir, progress, tracker))
+        del model_lm  # one model in memory at a time:
         if k + 1 < len(models):
             gc.collect()  # its reference cycles freed before the next one loads (with the collector paused)
     results = _results(p.cells, per_cell)
@@ -188,6 +171,22 @@ def run(
     merged = {k: v for k, v in merge_results(out_dir / "results.json", results).items() if k in keep}
     atomic_write(out_dir / "results.json", json.dumps(merged, indent=2))
     return results
+
+
+def _run_prompted(lm: LM, cells: list[Cell], p: Plan, out_dir: Path, progress, tracker) -> dict[Cell, dict]:
+    """Run one model's prompted cells, through its score cache in `out_dir`."""
+    cached = CachedLM(lm, ScoreCache.for_model(out_dir, lm.identity))
+    out = {}
+    try:
+        with cached.session():
+            for cell in cells:
+                prompt = p.runs[cell.run].prompt
+                out[cell] = run_cell(
+                    cell, prompt, p.task, p.test_examples(), cached, out_dir, p.experiment.root, progress, tracker
+                )
+    finally:
+        cached.cache.close()
+    return out
 
 
 def _tracker(cfg, out_dir: Path):
