@@ -132,7 +132,7 @@ def timed(cmd: list[str], log: Path, env: dict, args, clean) -> dict:
         others = max(0.0, (cpu_busy()[0] - busy0 - cpu) / wall)
         run = {"wall": wall, "cpu": cpu, "others": others, "waited": waited, "tries": tries}
         quiet += others <= args.max_other_load
-        if best is None or (others > args.max_other_load, wall) < (best["others"] > args.max_other_load, best["wall"]):
+        if best is None or rank(run, args) < rank(best, args):
             best = run
         if others > args.max_other_load:
             print(f"  (other processes used {others:.2f} cores during this run: {wall:.1f} s is noisy)", flush=True)
@@ -250,21 +250,24 @@ def in_rounds(args, job: str, steps: dict) -> tuple[dict, dict]:
     once = argparse.Namespace(**{**vars(args), "repeat": 1})
     best: dict = {}
     walls: dict = {key: [] for key in steps}
+    tries = dict.fromkeys(steps, 0)
     for r in range(args.repeat):
         for key, step in steps.items():
             print(f"[{job}] round {r + 1}/{args.repeat}: {key[0]} {key[1]} ...", flush=True)
             run = step(once)
             print(f"  {run['wall']:.1f} s", flush=True)
             walls[key].append(run["wall"])
-            noisy = run["others"] > args.max_other_load
-            if key not in best:
+            tries[key] += run["tries"]
+            if key not in best or rank(run, args) < rank(best[key], args):
                 best[key] = run
-            else:
-                tries = best[key]["tries"] + run["tries"]
-                if (noisy, run["wall"]) < (best[key]["others"] > args.max_other_load, best[key]["wall"]):
-                    best[key] = run
-                best[key]["tries"] = tries
+    for key, run in best.items():
+        run["tries"] = tries[key]
     return best, walls
+
+
+def rank(run: dict, args) -> tuple[bool, float]:
+    """How a run compares with others of the same tool: quiet before noisy, then faster first."""
+    return run["others"] > args.max_other_load, run["wall"]
 
 
 def main() -> None:
