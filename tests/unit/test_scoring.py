@@ -8,7 +8,7 @@ import torch
 from helpers.tiny import build_tiny_model
 from taskfit.config import ModelConfig
 from taskfit.models import scoring
-from taskfit.models.base import Request
+from taskfit.models.base import GenerationRequest, Request
 from taskfit.models.hf import HFLM, encode_pairs
 from taskfit.models.scoring import MIN_SHARED_PREFIX, Group, build_row, shared_prefix_length, tree_mask
 
@@ -301,13 +301,34 @@ def test_architectures_that_change_their_logits_score_as_their_own_forward(archi
         assert greedy == ref_greedy
 
 
-def test_an_output_layer_the_scorer_cannot_reproduce_is_refused(tmp_path, monkeypatch):
+def test_an_output_layer_the_scorer_cannot_reproduce_is_refused_before_any_score(tmp_path, monkeypatch):
+    """The check runs at the first scores, in their session (a model that only generates skips
+    it), and refuses an output layer the scorer does not reproduce before any score is made."""
     from taskfit import TaskfitError
 
     folder = build_tiny_model(tmp_path / "granite", architecture="granite")
     monkeypatch.setattr(scoring, "output_transform", lambda model: lambda logits: logits)  # as if unknown
-    with pytest.raises(TaskfitError, match="changes its output logits"):
-        HFLM.load(ModelConfig(name=str(folder), dtype="float32", device="cpu"))
+    lm = HFLM.load(ModelConfig(name=str(folder), dtype="float32", device="cpu"))
+    scored = []
+    monkeypatch.setattr(lm.scorer, "score", lambda *a, **k: scored.append(a))
+    assert lm.generate([GenerationRequest("Q: 2+2?\nA:", max_new_tokens=2)])  # generating needs no check
+    with pytest.raises(TaskfitError, match=f"model.name: {folder} .*changes its output logits"):
+        lm.loglikelihood(requests()[:2])
+    assert not scored
+
+
+def test_the_output_layer_is_checked_once(tiny_folder, monkeypatch):
+    lm = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
+    checks = []
+    real = lm.scorer.check_output_layer
+    monkeypatch.setattr(lm.scorer, "check_output_layer", lambda name: checks.append(name) or real(name))
+    lm.loglikelihood(requests()[:2])
+    lm.loglikelihood_exact(requests()[2:4])
+    assert checks == [str(tiny_folder)]
+    bodies = []  # the check compares the head on the body's output inside the model's own forward: one pass
+    lm.scorer.body.register_forward_hook(lambda *_: bodies.append(1))
+    real(str(tiny_folder))
+    assert bodies == [1]
 
 
 def test_shared_prefix_is_computed_once_across_calls_per_autocast_state(tiny_folder):

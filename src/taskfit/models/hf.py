@@ -106,6 +106,7 @@ class HFLM:
         self.starts = SharedStarts(tokenizer)
         """Where each request's declared shared start ends in its tokens."""
         self.generator = Generator(model, tokenizer, self.max_length)
+        self._output_checked = False
 
     @classmethod
     def load(cls, config: ModelConfig) -> HFLM:
@@ -125,10 +126,7 @@ class HFLM:
         identity = {**resolved.identity, "dtype": precision.name, "device": device}
         if precision.compute != precision.weights and config.recheck_margin:
             identity["recheck_margin"] = config.recheck_margin  # it changes scores: part of the cache key
-        lm = cls(model, tokenizer, identity, config.batch_tokens, precision, config.recheck_margin)
-        with lm.session():
-            lm.scorer.check_output_layer(config.name)
-        return lm
+        return cls(model, tokenizer, identity, config.batch_tokens, precision, config.recheck_margin)
 
     def session(self) -> Any:
         """A context for many calls in a row: under bf16 autocast, the bf16 copies of the weights
@@ -179,10 +177,19 @@ class HFLM:
             groups.append(Group(list(ctx), [list(c) for c in conts]))
             offsets.append(0 if self._fit(groups[-1]) else shared)  # a context cut from the left shares no start
         with self._float32() if exact else self.precision.autocast(str(self.scorer.device)):
+            self._check_output_layer()
             results = self.scorer.score(groups, offsets)
         if not exact:
             self._recheck_close_calls(groups, results, offsets)
         return [results[i][j] for i, j in (slot[key] for key in keys)]
+
+    def _check_output_layer(self) -> None:
+        """`TreeScorer.check_output_layer`, once, before the first scores: in the first call's
+        autocast session (its weight copies serve the call), and never for a model that only
+        generates."""
+        if not self._output_checked:
+            self.scorer.check_output_layer(str(self.identity.get("name") or type(self.model).__name__))
+            self._output_checked = True
 
     def _float32(self) -> Any:
         """A context in which the products run in the weights' dtype (autocast off)."""

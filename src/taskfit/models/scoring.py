@@ -329,8 +329,14 @@ class TreeScorer:
         that changes its logits in some other way would be scored wrongly, so it is refused."""
         vocab = self.head.weight.shape[0]
         ids = torch.arange(1, 9, device=self.device)[None] % vocab
-        full = self.model(input_ids=ids).logits.float()
-        ours = self.transform(self.head(self.body(input_ids=ids).last_hidden_state)).float()
+        seen = []  # the body's output inside the model's own forward: one forward for both
+        hook = self.body.register_forward_hook(lambda _m, _a, out: seen.append(getattr(out, "last_hidden_state", None)))
+        try:
+            full = self.model(input_ids=ids).logits.float()
+        finally:
+            hook.remove()
+        hidden = seen[0] if len(seen) == 1 and seen[0] is not None else self.body(input_ids=ids).last_hidden_state
+        ours = self.transform(self.head(hidden)).float()
         diff = (full - ours).abs().max().item()
         if not diff <= 1e-3 * (1.0 + full.abs().max().item()):
             raise TaskfitError(
