@@ -168,6 +168,28 @@ def test_self_consistency_votes_and_reports_agreement(yesno, tmp_path):
     assert results["r"]["vote_agreement"] == 5 / 8
 
 
+@pytest.mark.parametrize(("samples", "calls"), [(1, [2, 1]), (2, [1, 1, 1])])
+def test_generating_chunks_hold_a_budget_of_sequences(yesno, tmp_path, monkeypatch, samples, calls):
+    """A generating run hands the model chunks of at least CHUNK examples, more while their
+    samples stay within GENERATION_SEQUENCES (slots refill within a call, not across calls)."""
+    import taskfit.cell
+
+    monkeypatch.setattr(taskfit.cell, "CHUNK", 1)
+    monkeypatch.setattr(taskfit.cell, "GENERATION_SEQUENCES", 2)
+    sizes = []
+
+    class Counting(ScriptedLM):
+        def generate(self, requests):
+            sizes.append(len(requests))
+            return super().generate(requests)
+
+    sampling = f"\nsamples: {samples}\ntemperature: 0.7" if samples > 1 else ""
+    path = yesno('template: "Q: {{ question }}\\nA: {{ answer }}"\nextract: "(yes|no)"' + sampling)
+    taskfit.run(path, out=tmp_path / "out", lm=Counting())
+    assert sizes == calls
+    assert len(rows_of(tmp_path / "out")) == 3
+
+
 @pytest.mark.parametrize("margin", [0, 0.2])
 def test_mean_prob_near_ties_are_rechecked_in_float32_for_that_example_alone(yesno, tmp_path, margin):
     """Under bf16, averaging the samples' option probabilities (`vote: mean_prob`) can bring two
