@@ -15,7 +15,7 @@ taskfit gets all requests in one call, as a prompted run hands it a chunk of exa
 Tokens are counted as generated, EOS included; tokens/s is tokens over wall time. The
 greedy job's outputs are compared token for token (`greedy_same`: the fraction of prompts
 whose tokens agree; in float32 all must; in bfloat16 the two compute different matrix
-shapes, batch 1 against steps of 8 to 32 rows, and a near-tie may go either way). For a dtype other
+shapes, batch 1 against steps of 8 to 64 rows, and a near-tie may go either way). For a dtype other
 than float32 the greedy outputs are also compared with taskfit's own float32 ones
 (`float32_same`, and `float32_shared_tokens`: the mean number of leading tokens that agree).
 """

@@ -177,7 +177,7 @@ def test_finished_rows_free_their_slots(lm, monkeypatch):
     stop = lm.tokenizer.decode(full.tokens[:2], skip_special_tokens=True)[-1]
     early = sampled(PROMPTS[0], seed=2, stop=(stop,))
     late = GenerationRequest(PROMPTS[3], max_new_tokens=12)
-    monkeypatch.setattr(Generator, "_rows_alike", lambda self: False)  # steps of 8 rows only: 8 slots
+    monkeypatch.setattr(Generator, "_alike_sizes", lambda self: STEP_ROWS[:1])  # steps of 8 rows only: 8 slots
     eight = Generator(lm.model, lm.tokenizer, lm.max_length)
     (gens, (alone,)), calls = input_shapes(eight, [early, late])
     assert sum(g.finish == "stop" for g in gens) >= 1  # a one-character stop string: some samples meet it early
@@ -191,7 +191,7 @@ def test_finished_rows_free_their_slots(lm, monkeypatch):
 def test_a_step_runs_the_fewest_rows_that_hold_the_live_ones(lm, monkeypatch):
     """A call with more rows than the largest step fills that many slots; as rows finish and
     none wait, steps shrink to the next size that holds the rest."""
-    monkeypatch.setattr(Generator, "_rows_alike", lambda self: True)
+    monkeypatch.setattr(Generator, "_alike_sizes", lambda self: STEP_ROWS)
     fresh = Generator(lm.model, lm.tokenizer, lm.max_length)
     seen = []
     decode = Generator._decode
@@ -201,13 +201,14 @@ def test_a_step_runs_the_fewest_rows_that_hold_the_live_ones(lm, monkeypatch):
         return decode(self, tokens, live, rows, cache, check)
 
     monkeypatch.setattr(Generator, "_decode", recording)
-    reqs = [sampled(PROMPTS[1], seed=6, samples=30, stop=("e",)), sampled(PROMPTS[3], seed=7, samples=6)]
+    lengths = [(40, 2), (12, 4), (8, 6), (8, 8)]  # (samples, new tokens): 68 rows, finishing at four steps
+    reqs = [sampled(PROMPTS[i % 2], seed=i, samples=n)._replace(max_new_tokens=t) for i, (n, t) in enumerate(lengths)]
     (_, calls) = input_shapes(fresh, reqs)
     assert [shape for shape in calls if shape[1] == 1] == [(rows, 1) for _, rows, _ in seen]
     assert all(slots == STEP_ROWS[-1] for _, _, slots in seen)
     assert all(rows == min(n for n in STEP_ROWS if n >= live) for live, rows, _ in seen)
     assert {rows for _, rows, _ in seen} == set(STEP_ROWS)  # rows finished at different steps
-    (_, calls) = input_shapes(fresh, reqs[1:])  # six rows: eight slots
+    (_, calls) = input_shapes(fresh, reqs[-1:])  # eight rows: eight slots
     assert seen[-1][2] == STEP_ROWS[0]
 
 
@@ -215,7 +216,7 @@ def test_step_sizes_are_used_only_where_rows_come_out_alike(lm):
     """A model whose logits for a row change with the rows beside it decodes in steps of the
     first size only; the check runs once per autocast state."""
     fresh = Generator(lm.model, lm.tokenizer, lm.max_length)
-    assert fresh.step_rows() in (STEP_ROWS, STEP_ROWS[:1])
+    assert fresh.step_rows() == STEP_ROWS[: len(fresh.step_rows())]
     handle = lm.model.register_forward_hook(  # a row's logits move with its place in the step
         lambda mod, args, out: setattr(out, "logits", out.logits + torch.arange(out.logits.shape[0])[:, None, None])
     )
@@ -231,6 +232,23 @@ def test_step_sizes_are_used_only_where_rows_come_out_alike(lm):
         assert probing.step_rows() == fresh.step_rows()  # another state: checked afresh
 
 
+def test_step_sizes_stop_before_the_first_that_changes_a_row(lm):
+    """Rows that come out alike in steps of 8 and 16 rows but not of 32 decode in steps of 8 or
+    16: the sizes below the first that fails stay, those from it on go."""
+    big = STEP_ROWS[2]
+    handle = lm.model.register_forward_hook(
+        lambda mod, args, out: setattr(out, "logits", out.logits * 1.5) if out.logits.shape[0] == big else None
+    )
+    try:
+        probing = Generator(lm.model, lm.tokenizer, lm.max_length)
+        assert probing.step_rows() == STEP_ROWS[:2]
+        (_, calls) = input_shapes(probing, [sampled(PROMPTS[0], seed=1, samples=40)])
+    finally:
+        handle.remove()
+    assert {shape for shape in calls if shape[1] == 1} <= {(n, 1) for n in STEP_ROWS[:2]}
+    assert (STEP_ROWS[1], 1) in calls
+
+
 def test_slots_shrink_to_fit_their_memory(lm, monkeypatch):
     """A call gets the slots its rows need, fewer where their cache at the longest row would
     pass `SLOT_MEMORY`, and never fewer than the first step size."""
@@ -240,7 +258,7 @@ def test_slots_shrink_to_fit_their_memory(lm, monkeypatch):
         _, cache = g._forward(torch.tensor([[1, 2, 3]]), None)
     assert per_token == sum(t.numel() * t.element_size() for kv in generation._layers(cache) for t in kv) // 3
     assert g._slot_count(3, 100, STEP_ROWS) == 8 and g._slot_count(9, 100, STEP_ROWS) == 16
-    assert g._slot_count(100, 100, STEP_ROWS) == 32 and g._slot_count(100, 100, STEP_ROWS[:1]) == 8
+    assert g._slot_count(100, 100, STEP_ROWS) == 64 and g._slot_count(100, 100, STEP_ROWS[:1]) == 8
     limit = generation.SLOT_MEMORY // (20 * per_token)  # 20 slots' worth
     assert g._slot_count(100, limit, STEP_ROWS) == 16
     assert g._slot_count(100, limit * 100, STEP_ROWS) == 8
@@ -268,7 +286,7 @@ def test_a_rows_logits_do_not_depend_on_what_else_decodes(lm, monkeypatch):
     # greedy and sampled requests with prompts of different lengths: more rows than slots, so rows
     # wait, join freed slots at different steps and sit beside different neighbours
     reqs = [GenerationRequest(p, max_new_tokens=10) for p in PROMPTS]
-    reqs += [sampled(PROMPTS[1], seed=4, samples=3), sampled(PROMPTS[3], seed=5, samples=30)]
+    reqs += [sampled(PROMPTS[1], seed=4, samples=3), sampled(PROMPTS[3], seed=5, samples=60)]
     assert lm.generator.slots and sum(r.samples for r in reqs) > STEP_ROWS[-1]
     assert_rows_alike_alone_together_reversed(lm.generator, reqs, monkeypatch)
 

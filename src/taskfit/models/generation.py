@@ -9,10 +9,10 @@ next waiting row takes it at the next step.
 
 A row's output never depends on what else is generated with it: each row attends to exactly
 its own keys in a call of its own, its cache sits in its slot at the same offsets whatever the
-other slots hold, and a step runs 8, 16 or 32 rows (`STEP_ROWS`; free places carry a dummy
-token) only where the model has been seen to give every row the same bits at each of those
-sizes and places (`Generator.step_rows`; else always 8). Greedy output is the same alone, in a
-batch of requests, in any order, resumed or not.
+other slots hold, and a step runs 8, 16, 32 or 64 rows (`STEP_ROWS`; free places carry a dummy
+token), each size only where the model has been seen to give every row the same bits at it and
+at every smaller one, wherever the row sits (`Generator.step_rows`; at least 8). Greedy output is
+the same alone, in a batch of requests, in any order, resumed or not.
 
 Sampling is reproducible per sample: sample `i` of a request draws from its own
 `torch.Generator`, seeded from (request.seed, i, the context text). The same request
@@ -196,14 +196,16 @@ def find_stop(text: str, piece: str, stop: tuple[str, ...]) -> int:
     return best
 
 
-STEP_ROWS = (8, 16, 32)
+STEP_ROWS = (8, 16, 32, 64)
 """Rows a decoding step may run (the fewest that hold the live rows; free places carry a dummy
 token). A matrix product's rounding can change with its number of rows (on this project's CPU,
 float32 products of 1-3 rows differ from those of 4 or more), so only these sizes are used, and
 sizes above the first only after `Generator.step_rows` has seen them give the same bits. On that
-CPU (default model) a step of 8, 16 or 32 rows takes 49, 52 or 66 ms in bf16 (82, 98 or 127 in
-float32): many rows decode faster in bigger steps (prompts with 8 samples each: ~130 -> ~240
-tokens/s in bf16, ~75 -> ~155 in float32), and a lone row is not made to pay for 31 dummies."""
+CPU (default model, ~100 keys per row) a step of 8, 16, 32, 64 or 128 rows took 62, 78, 114, 168
+or 302 ms in bf16 (114, 110, 155, 224 or 480 in float32): per row 7.8, 4.9, 3.6, 2.6, 2.4 ms (14,
+6.9, 4.8, 3.5, 3.8). Many rows decode faster in bigger steps (24 prompts x 8 samples: 39 s in
+steps of at most 32 rows, 30-32 s with 64), 128 gains little in bf16 and loses in float32 (and
+doubles the slots' memory), and a lone row is not made to pay for 63 dummies."""
 
 SLOT_MEMORY = 2 * 1024**3
 """Bytes the slots' key/value cache may take at the call's longest row before a call gets fewer
@@ -534,21 +536,22 @@ class Generator:
         return out.logits[: len(live), -1].float()
 
     def step_rows(self) -> tuple[int, ...]:
-        """The sizes of `STEP_ROWS` a decoding step may run under the current autocast state: all
-        of them where one token per row gives every row the same logits, bit for bit, at each size
-        and wherever the row sits in the step (seen once per state: the model's products and norms
-        are the same at every step); else the first alone."""
+        """The sizes of `STEP_ROWS` a decoding step may run under the current autocast state: the
+        first, and each next one while one token per row gives every row the same logits, bit for
+        bit, at that size and wherever the row sits in the step (seen once per state: the model's
+        products and norms are the same at every step)."""
         device = self.device.type
         state = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         if state not in self._step_rows:
-            self._step_rows[state] = STEP_ROWS if self._rows_alike() else STEP_ROWS[:1]
+            self._step_rows[state] = self._alike_sizes()
         return self._step_rows[state]
 
     @torch.no_grad()
-    def _rows_alike(self) -> bool:
-        """Whether 8 tokens, each alone in its row, get the same logits in steps of every size of
-        `STEP_ROWS` (in order at the start of the step, then reversed at its end). Each row
-        attends to itself only, as in a step, where each row's attention is a call of its own."""
+    def _alike_sizes(self) -> tuple[int, ...]:
+        """`STEP_ROWS` up to the first size (after the first) at which 8 tokens, each alone in its
+        row, do not get the logits they get in a step of the first size, placed in order at the
+        start of the step, then reversed at its end. Each row attends to itself only, as in a
+        step, where each row's attention is a call of its own."""
         first = STEP_ROWS[0]
         vocab = self.model.get_input_embeddings().weight.shape[0]
         probe = (torch.arange(first, device=self.device) * 7919 + 1) % vocab
@@ -558,11 +561,11 @@ class Generator:
             return out.logits[:, -1]
 
         expected = logits(probe)
-        for rows in STEP_ROWS:
+        for n, rows in enumerate(STEP_ROWS):
             filler = torch.full((rows - first,), 2, device=self.device)
             if not torch.equal(logits(torch.cat([filler, probe.flip(0)]))[rows - first :].flip(0), expected):
-                return False
-        return True
+                return STEP_ROWS[: max(n, 1)]
+        return STEP_ROWS
 
     def _slot_count(self, waiting: int, limit: int, sizes: tuple[int, ...]) -> int:
         """Slots for a call: the fewest step sizes that hold all its rows, fewer where their
