@@ -217,16 +217,11 @@ def test_step_sizes_are_used_only_where_rows_come_out_alike(lm):
     first size only; the check runs once per autocast state."""
     fresh = Generator(lm.model, lm.tokenizer, lm.max_length)
     assert fresh.step_rows() == STEP_ROWS[: len(fresh.step_rows())]
-    handle = lm.model.register_forward_hook(  # a row's logits move with its place in the step
-        lambda mod, args, out: setattr(out, "logits", out.logits + torch.arange(out.logits.shape[0])[:, None, None])
+    probing, sizes, steps = decode_under_hook(  # a row's logits move with its place in the step
+        lm, lambda mod, args, out: setattr(out, "logits", out.logits + torch.arange(out.logits.shape[0])[:, None, None])
     )
-    try:
-        probing = Generator(lm.model, lm.tokenizer, lm.max_length)
-        assert probing.step_rows() == STEP_ROWS[:1]
-        (_, calls) = input_shapes(probing, [sampled(PROMPTS[0], seed=1, samples=20)])
-    finally:
-        handle.remove()
-    assert {shape for shape in calls if shape[1] == 1} == {(STEP_ROWS[0], 1)}
+    assert sizes == STEP_ROWS[:1]
+    assert steps == {(STEP_ROWS[0], 1)}
     assert probing.step_rows() == STEP_ROWS[:1]  # remembered, though the model behaves again
     with torch.autocast("cpu", torch.bfloat16):
         assert probing.step_rows() == fresh.step_rows()  # another state: checked afresh
@@ -236,17 +231,24 @@ def test_step_sizes_stop_before_the_first_that_changes_a_row(lm):
     """Rows that come out alike in steps of 8 and 16 rows but not of 32 decode in steps of 8 or
     16: the sizes below the first that fails stay, those from it on go."""
     big = STEP_ROWS[2]
-    handle = lm.model.register_forward_hook(
-        lambda mod, args, out: setattr(out, "logits", out.logits * 1.5) if out.logits.shape[0] == big else None
+    _, sizes, steps = decode_under_hook(
+        lm, lambda mod, args, out: setattr(out, "logits", out.logits * 1.5) if out.logits.shape[0] == big else None
     )
+    assert sizes == STEP_ROWS[:2]
+    assert steps == {(n, 1) for n in STEP_ROWS[:2]}
+
+
+def decode_under_hook(lm, hook) -> tuple[Generator, tuple[int, ...], set]:
+    """A fresh generator decoding 40 samples while `hook` changes the model's output: the
+    generator, the step sizes its probe allowed, and the shapes of its decoding steps."""
+    handle = lm.model.register_forward_hook(hook)
     try:
         probing = Generator(lm.model, lm.tokenizer, lm.max_length)
-        assert probing.step_rows() == STEP_ROWS[:2]
+        sizes = probing.step_rows()
         (_, calls) = input_shapes(probing, [sampled(PROMPTS[0], seed=1, samples=40)])
     finally:
         handle.remove()
-    assert {shape for shape in calls if shape[1] == 1} <= {(n, 1) for n in STEP_ROWS[:2]}
-    assert (STEP_ROWS[1], 1) in calls
+    return probing, sizes, {shape for shape in calls if shape[1] == 1}
 
 
 def test_slots_shrink_to_fit_their_memory(lm, monkeypatch):
