@@ -9,18 +9,10 @@ import torch
 
 from helpers.tiny import build_tiny_model
 from taskfit.config import ModelConfig
-from taskfit.models import generation
+from taskfit.models import generation, slots
 from taskfit.models.base import GenerationRequest
-from taskfit.models.generation import (
-    STEP_ROWS,
-    Detokenizer,
-    Generator,
-    draw,
-    filter_logits,
-    find_stop,
-    nucleus,
-    sample_seed,
-)
+from taskfit.models.decoding import Detokenizer, draw, filter_logits, find_stop, nucleus, sample_seed
+from taskfit.models.generation import STEP_ROWS, Generator
 from taskfit.models.hf import HFLM
 
 PROMPTS = ["Question: What does the fox do? Answer:", "Review: the food was cold.", "", "How would Jordan feel?"]
@@ -258,7 +250,7 @@ def test_slots_shrink_to_fit_their_memory(lm, monkeypatch):
     per_token = g._cache_bytes_per_token()
     with torch.no_grad():
         _, cache = g._forward(torch.tensor([[1, 2, 3]]), None)
-    assert per_token == sum(t.numel() * t.element_size() for kv in generation._layers(cache) for t in kv) // 3
+    assert per_token == sum(t.numel() * t.element_size() for kv in slots.cache_layers(cache) for t in kv) // 3
     assert g._slot_count(3, 100, STEP_ROWS) == 8 and g._slot_count(9, 100, STEP_ROWS) == 16
     assert g._slot_count(100, 100, STEP_ROWS) == 64 and g._slot_count(100, 100, STEP_ROWS[:1]) == 8
     limit = generation.SLOT_MEMORY // (20 * per_token)  # 20 slots' worth
@@ -405,15 +397,15 @@ def test_attention_outside_the_interface_falls_back_to_one_request_at_a_time(tmp
             return sdpa_attention_forward(module, query, key, value, None, **kwargs)
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
 
-    monkeypatch.setattr(generation, "_register_row_attention", lambda: None)
-    AttentionInterface.register(generation.ROW_ATTENTION, own_attention)
+    monkeypatch.setattr(generation, "register_row_attention", lambda: None)
+    AttentionInterface.register(slots.ROW_ATTENTION, own_attention)
     try:
         fresh = Generator(other.model, other.tokenizer, other.max_length)
         assert fresh.slots
         assert fresh.generate(reqs) == expected
         assert not fresh.slots  # found out at the first step; the rest went one request at a time
     finally:
-        AttentionInterface.register(generation.ROW_ATTENTION, generation._row_attention)
+        AttentionInterface.register(slots.ROW_ATTENTION, slots.row_attention)
 
 
 def test_long_prompt_is_cut_from_the_left(tmp_path):

@@ -9,10 +9,11 @@ import torch
 
 from helpers.tiny import build_tiny_model
 from taskfit.config import ModelConfig
-from taskfit.models import scoring
+from taskfit.models import attention, scoring
+from taskfit.models.attention import tree_mask
 from taskfit.models.base import GenerationRequest, Request
 from taskfit.models.hf import HFLM, encode_pairs
-from taskfit.models.scoring import MIN_SHARED_PREFIX, Group, build_row, shared_prefix_length, tree_mask
+from taskfit.models.scoring import MIN_SHARED_PREFIX, Group, build_row, shared_prefix_length
 
 DEMOS = "Question: What does the fox do? Answer: it jumps over the lazy dog.\n\n" * 3
 
@@ -490,8 +491,8 @@ def test_rows_attend_at_their_own_width_whatever_their_batch():
     shapes alone and in any batch; the batch's padding after a row gets zeros."""
     from types import SimpleNamespace
 
-    assert scoring.attention_spans([9, 8, 5, 4, 1]) == [(0, 1, 12, 0), (1, 3, 8, 0), (3, 5, 4, 0)]
-    assert scoring.attention_spans([8, 7, 7, 3], [5, 5, 2, 2]) == [(0, 2, 8, 5), (2, 3, 8, 2), (3, 4, 4, 2)]
+    assert attention.attention_spans([9, 8, 5, 4, 1]) == [(0, 1, 12, 0), (1, 3, 8, 0), (3, 5, 4, 0)]
+    assert attention.attention_spans([8, 7, 7, 3], [5, 5, 2, 2]) == [(0, 2, 8, 5), (2, 3, 8, 2), (3, 4, 4, 2)]
     seen = []
 
     def inner(module, q, k, v, m, **kwargs):
@@ -502,19 +503,19 @@ def test_rows_attend_at_their_own_width_whatever_their_batch():
         return SimpleNamespace(layers=[SimpleNamespace(keys=keys, values=keys)])
 
     def attend(plan, *args, **kwargs):
-        token = scoring._BUCKETS.set(plan)
+        token = attention._BUCKETS.set(plan)
         try:
-            return scoring._bucketed_attention(None, *args, **kwargs)[0]
+            return attention._bucketed_attention(None, *args, **kwargs)[0]
         finally:
-            scoring._BUCKETS.reset(token)
+            attention._BUCKETS.reset(token)
 
     rows, heads, t, prefix = 3, 2, 6, 5
     query = torch.randn(rows, heads, t, 4)
     key = value = torch.randn(rows, 1, t, 4)  # the rows' own tokens'
     mask = torch.zeros(rows, 1, t, prefix + t)
     shared = cache(torch.randn(1, 1, prefix, 4))
-    spans = scoring.attention_spans([6, 5, 3], [prefix] * 3)
-    out = attend(scoring._Buckets(inner, False, spans, [shared] * 3), query, key, value, mask, scaling=0.5)
+    spans = attention.attention_spans([6, 5, 3], [prefix] * 3)
+    out = attend(attention._Buckets(inner, False, spans, [shared] * 3), query, key, value, mask, scaling=0.5)
     assert [x[:5] for x in seen] == [
         (2, 8, prefix + 8, (8, prefix + 8), {"scaling": 0.5}),
         (1, 4, prefix + 4, (4, prefix + 4), {"scaling": 0.5}),
@@ -530,9 +531,9 @@ def test_rows_attend_at_their_own_width_whatever_their_batch():
     # prefix's keys, then its own; the mask's columns are cut to match.
     seen.clear()
     other = cache(torch.randn(1, 1, 2, 4))
-    spans = scoring.attention_spans([6, 6, 6], [prefix, prefix, 2])
+    spans = attention.attention_spans([6, 6, 6], [prefix, prefix, 2])
     attend(
-        scoring._Buckets(inner, False, spans, [shared, cache(-shared.layers[0].keys), other]), query, key, value, mask
+        attention._Buckets(inner, False, spans, [shared, cache(-shared.layers[0].keys), other]), query, key, value, mask
     )
     (_, _, _, _, _, k01, m01), (_, _, _, _, _, k2, m2) = seen
     assert torch.equal(k01[:, :, :prefix], torch.cat([shared.layers[0].keys, -shared.layers[0].keys]))
@@ -546,13 +547,13 @@ def test_rows_attend_at_their_own_width_whatever_their_batch():
 def test_every_layer_attends_through_the_buckets_and_the_model_keeps_its_attention(lm, monkeypatch):
 
     plans = []
-    real = scoring._Buckets
+    real = attention._Buckets
 
     def record(*args):
         plans.append(real(*args))
         return plans[-1]
 
-    monkeypatch.setattr(scoring, "_Buckets", record)
+    monkeypatch.setattr(attention, "_Buckets", record)
     before = lm.model.config._attn_implementation
     scores = lm.loglikelihood(mixed_requests())
     assert plans and all(p.calls == lm.model.config.num_hidden_layers for p in plans)
@@ -577,9 +578,9 @@ def test_sdpa_runs_without_copies_of_the_key_value_heads_and_gives_the_same_bits
     monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
     direct = lm.loglikelihood(reqs)
     assert grouped and all(grouped)
-    real_buckets = scoring._Buckets
+    real_buckets = attention._Buckets
     monkeypatch.setattr(
-        scoring, "_Buckets", lambda inner, sdpa, spans, caches: real_buckets(inner, False, spans, caches)
+        attention, "_Buckets", lambda inner, sdpa, spans, caches: real_buckets(inner, False, spans, caches)
     )
     grouped.clear()
     assert lm.loglikelihood(reqs) == direct

@@ -32,18 +32,26 @@ before punctuation), and it is cut before the first stop string.
 
 from __future__ import annotations
 
-import contextvars
-import hashlib
 import inspect
 from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
+from taskfit.models.attention import expanded_cache, prefix_key
 from taskfit.models.base import GenerationRequest
-from taskfit.models.scoring import SharedStarts, expanded_cache, prefix_key
+from taskfit.models.decoding import Detokenizer, draw, filter_logits, find_stop, sample_seed
+from taskfit.models.scoring import SharedStarts
+from taskfit.models.slots import (
+    ROW_ATTENTION,
+    STEP,
+    NotThroughInterface,
+    SlotCache,
+    Step,
+    register_row_attention,
+    slots_usable,
+)
 
 
 def validate(req: GenerationRequest) -> None:
@@ -64,99 +72,6 @@ def validate(req: GenerationRequest) -> None:
         )
     if any(not s for s in req.stop):
         raise ValueError("stop strings must not be empty.")
-
-
-def sample_seed(seed: int, index: int, context: str) -> int:
-    """A stable 63-bit seed for sample `index` of a request (no dependence on PYTHONHASHSEED)."""
-    digest = hashlib.blake2b(f"{seed}\0{index}\0{context}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, then top-k, then nucleus (top-p) filtering of (N, V) float logits.
-
-    Removed tokens get -inf; the most likely token always survives.
-    """
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1:
-        logits = logits.masked_fill(~nucleus(logits.softmax(-1), top_p), float("-inf"))
-    return logits
-
-
-def nucleus(probs: torch.Tensor, top_p: float, first_k: int = 256) -> torch.Tensor:
-    """(N, V) boolean: the tokens kept by top-p, as transformers' TopPLogitsWarper keeps them.
-
-    A token is dropped when the more likely tokens before it already reach `top_p`. A full
-    sort of the vocabulary costs more than the model step on CPU, so the candidates come
-    from `topk`, widened until they hold `top_p` of the mass in every row.
-    """
-    vocab = probs.shape[-1]
-    k = min(first_k, vocab)
-    while True:
-        top, order = torch.topk(probs, k, dim=-1)  # (N, k), most likely first
-        if k == vocab or bool((top.sum(-1) >= top_p).all()):
-            break
-        k = min(vocab, k * 8)
-    keep_sorted = (top.cumsum(-1) - top) < top_p
-    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep_sorted)
-
-
-def draw(probs: torch.Tensor, rngs: list[torch.Generator]) -> torch.Tensor:
-    """One token per row of (N, V) probabilities, row i using only `rngs[i]` (CPU generators).
-
-    Inverse-CDF sampling: one uniform number per row, so a row's draw never depends on the
-    other rows, and it is ~10x cheaper on CPU than one `torch.multinomial` per row.
-    """
-    cdf = probs.double().cumsum(-1)  # float64: the cumulative sum over the vocabulary stays exact enough
-    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in rngs]).to(cdf.device)
-    picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-    return picks.clamp_(max=probs.shape[-1] - 1)
-
-
-class Detokenizer:
-    """Decodes a growing token list a few tokens at a time (after vLLM's incremental detokenizer).
-
-    Each step decodes only the window from the previous piece's start, so a token whose
-    text depends on its neighbours (byte-level BPE split inside a UTF-8 character,
-    SentencePiece leading spaces) comes out as the whole-sequence decode would give it.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.text = ""
-        self._prefix = 0  # start of the window decoded for context
-        self._read = 0  # tokens before this index are already in `text`
-
-    def push(self, token: int) -> str:
-        """Append one token; return the text it completes ('' while a character is unfinished)."""
-        self.tokens.append(token)
-        return self._advance(final=False)
-
-    def flush(self) -> str:
-        """Emit whatever is pending, even an incomplete character."""
-        return self._advance(final=True)
-
-    def _advance(self, final: bool) -> str:
-        if self._read == len(self.tokens):
-            return ""
-        before = self._decode(self.tokens[self._prefix : self._read])
-        after = self._decode(self.tokens[self._prefix :])
-        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
-            return ""
-        piece = after[len(before) :]
-        self._prefix, self._read = self._read, len(self.tokens)
-        self.text += piece
-        return piece
-
-    def _decode(self, tokens: list[int]) -> str:
-        # no clean-up of spaces: it rewrites text across window edges (" ." -> "."), so pieces would not add up
-        if not tokens:
-            return ""
-        return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 class Generation(NamedTuple):
@@ -182,20 +97,6 @@ class _Row:
     sample: int = 0
 
 
-def find_stop(text: str, piece: str, stop: tuple[str, ...]) -> int:
-    """Start of the earliest stop string that ends inside the newly added `piece`, or -1.
-
-    Only the tail that can hold such a match is searched: earlier text was checked before.
-    """
-    best = -1
-    for s in stop:
-        start = max(0, len(text) - len(piece) - len(s) + 1)
-        at = text.find(s, start)
-        if at >= 0 and (best < 0 or at < best):
-            best = at
-    return best
-
-
 STEP_ROWS = (8, 16, 32, 64)
 """Rows a decoding step may run (the fewest that hold the live rows; free places carry a dummy
 token). A matrix product's rounding can change with its number of rows (on this project's CPU,
@@ -210,145 +111,6 @@ doubles the slots' memory), and a lone row is not made to pay for 63 dummies."""
 SLOT_MEMORY = 2 * 1024**3
 """Bytes the slots' key/value cache may take at the call's longest row before a call gets fewer
 slots (never fewer than `STEP_ROWS[0]`)."""
-
-UNSUPPORTED_ATTENTION = ("sliding_window", "softcap", "s_aux", "position_bias")
-"""Arguments a model's layers may hand its attention that `_row_attention` does not apply."""
-
-ROW_ATTENTION = "taskfit_rows"
-"""Name under which `_row_attention` is registered in transformers' attention interface."""
-
-
-@dataclass
-class _Step:
-    """What `_row_attention` needs to know during one decoding step."""
-
-    slots: list[int]  # the slot of each of the step's rows that holds a row (the rest are dummies)
-    lengths: list[int]  # keys of each of those rows, the one written this step included
-    calls: int = 0  # attention layers run: each must come through `_row_attention`
-
-
-_STEP: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("taskfit_decoding_step", default=None)
-
-
-def _row_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention for a decoding step over `_SlotCache` storage: each live row's query (one
-    token) attends to exactly its own keys, in a call of its own (the same call, with the same
-    shapes, as if it were alone); dummy rows give zeros. `attention_mask` is a placeholder:
-    the slots and lengths come from `_STEP`. Returns (rows, 1, heads, head dim), as
-    transformers' attention functions do."""
-    step = _STEP.get()
-    if any(kwargs.get(name) is not None for name in UNSUPPORTED_ATTENTION):
-        raise _NotThroughInterface  # attention the per-row call would leave out
-    step.calls += 1
-    rows, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    # The query heads that share a key/value head attend as that head's queries: no copies of the keys.
-    packed = query.reshape(rows, kv_heads, heads // kv_heads, dim).to(key.dtype)
-    out = packed.new_zeros(rows, kv_heads, heads // kv_heads, dim)
-    for j, (slot, n) in enumerate(zip(step.slots, step.lengths)):
-        k = key[slot : slot + 1, :, :n]  # (1, Hkv, n, D): the same strides in every slot
-        v = value[slot : slot + 1, :, :n]
-        out[j] = F.scaled_dot_product_attention(packed[j : j + 1], k, v, scale=scaling)[0]  # 4D: torch's fused kernel
-    return out.reshape(rows, 1, heads, dim), None
-
-
-def _register_row_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ROW_ATTENTION, _row_attention)
-
-
-class _SlotCache:
-    """Keys and values of `slots` rows, each left-aligned in its own slot: (slots, kv heads,
-    capacity, head dim) per layer, so a row's keys have the same layout in any slot and each of
-    its heads' keys lie in one block, as attention reads them at every step (on this project's
-    CPU, decoding CoT prompts, ~25% less time in attention than with the heads interleaved). Filled by
-    `insert` from a prefill's cache, then one token per step through `update` (the model's
-    cache interface), at each live slot's own length, in the dtype attention computes in. The
-    capacity grows with the longest row."""
-
-    def __init__(self, slots: int, limit: int):
-        self.slots = slots
-        self.limit = limit  # the longest any row of the call can grow: prompt + max_new_tokens
-        self.capacity = 0
-        self.keys: list[torch.Tensor] = []  # allocated at the first `insert`, in the dtype attention computes in
-        self.values: list[torch.Tensor] = []
-        self.lengths = [0] * slots
-
-    def reserve(self, length: int) -> None:
-        """Room for `length` tokens in every slot: grown by doubling, up to `limit`. A row's keys
-        keep their layout (strides) whatever the room, so growing changes no result."""
-        if length <= self.capacity or not self.keys:
-            self.capacity = max(self.capacity, length)
-            return
-        room = min(max(length, 2 * self.capacity), max(self.limit, length))
-        for store in (self.keys, self.values):
-            for layer, old in enumerate(store):
-                extra = old.new_zeros(self.slots, old.shape[1], room - self.capacity, old.shape[3])
-                store[layer] = torch.cat([old, extra], dim=2)
-        self.capacity = room
-
-    def insert(self, slot: int, cache) -> None:
-        """Copy a batch-1 prefill cache (transformers' DynamicCache) into `slot`."""
-        for layer, (k, v) in enumerate(_layers(cache)):
-            n = k.shape[2]
-            if layer == 0:
-                self.reserve(n)
-            if layer == len(self.keys):
-                shape = (self.slots, k.shape[1], self.capacity, k.shape[3])
-                self.keys.append(k.new_zeros(shape, dtype=_attention_dtype(k)))
-                self.values.append(v.new_zeros(shape, dtype=_attention_dtype(v)))
-            self.keys[layer][slot, :, :n] = k[0]
-            self.values[layer][slot, :, :n] = v[0]
-        self.lengths[slot] = n
-
-    def begin_step(self, live: list[int], device) -> None:
-        """Where this step's tokens go: the step's first rows are the `live` slots, each token at
-        its slot's length (the dummy rows after them are not kept), for every layer's `update`."""
-        self._live = len(live)
-        self._at = (torch.tensor(live, device=device), torch.tensor([self.lengths[s] for s in live], device=device))
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        """Write the live rows' keys and values of this step's (rows, kv heads, 1, head dim)."""
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        slots, at = self._at
-        keys[slots, :, at] = key_states[: self._live, :, 0].to(keys.dtype)
-        values[slots, :, at] = value_states[: self._live, :, 0].to(values.dtype)
-        return keys, values
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return max(self.lengths)
-
-
-def _attention_dtype(states: torch.Tensor) -> torch.dtype:
-    """The dtype attention computes in: autocast's where it is on (the cache keeps keys as
-    attention will read them, cast once rather than at every step), else the states' own."""
-    device = states.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else states.dtype
-
-
-def _layers(cache):
-    """(keys, values) per layer of a transformers cache, each (batch, kv heads, length, head dim)."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]
-
-
-def slots_usable(model) -> bool:
-    """Whether `_row_attention` can stand in for the model's attention: full causal attention in
-    every layer, no soft-capping. (Whether its layers call the attention interface at all is
-    checked at the first step.)"""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
-        return False
-    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        return False
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        return False
-    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
-        return False
-    params = inspect.signature(model.forward).parameters
-    return "position_ids" in params and "attention_mask" in params
 
 
 @dataclass
@@ -375,7 +137,7 @@ class Generator:
         """Whether requests decode together in slots (else one request at a time)."""
         self._step_rows: dict[tuple, tuple[int, ...]] = {}  # see `step_rows`
         if self.slots:
-            _register_row_attention()
+            register_row_attention()
 
     @property
     def device(self) -> torch.device:
@@ -396,7 +158,7 @@ class Generator:
         if self.slots:
             try:
                 return self._run_slots(requests)
-            except _NotThroughInterface:
+            except NotThroughInterface:
                 self.slots = False  # the model's layers bypass the attention interface: one at a time
         return [self._run_alone(req) for req in requests]
 
@@ -425,7 +187,7 @@ class Generator:
             return []
         limit = max(len(ids) + req.max_new_tokens for ids, req in zip(prompts, requests))
         sizes = self.step_rows()
-        cache = _SlotCache(self._slot_count(len(waiting), limit, sizes), limit)
+        cache = SlotCache(self._slot_count(len(waiting), limit, sizes), limit)
         slots: list[_Row | None] = [None] * cache.slots
         prefilled: dict[int, tuple[torch.Tensor, object]] = {}  # request -> (first logits, cache) while samples wait
         logits = None  # (slots, V) of the last step
@@ -465,7 +227,7 @@ class Generator:
                     rows = next(n for n in sizes if n >= len(live))
                     logits[live] = self._decode(tokens, live, rows, cache, check=first_step)
                     first_step = False
-        except _NotThroughInterface:
+        except NotThroughInterface:
             self.truncated = truncated
             raise
         return results
@@ -496,7 +258,7 @@ class Generator:
         return self._prefix[1]
 
     def _decode(
-        self, tokens: dict[int, int], live: list[int], rows: int, cache: _SlotCache, check: bool
+        self, tokens: dict[int, int], live: list[int], rows: int, cache: SlotCache, check: bool
     ) -> torch.Tensor:
         """One step of `rows` rows, the `live` slots' first and dummies after them: (len(live), V)
         float32 logits of each live slot's next token."""
@@ -506,11 +268,11 @@ class Generator:
         dummies = rows - len(live)
         ids = torch.tensor([[tokens[s]] for s in live] + [[0]] * dummies, device=device)
         positions = torch.tensor([[cache.lengths[s]] for s in live] + [[0]] * dummies, device=device)
-        step = _Step(live, [cache.lengths[s] + 1 for s in live])
+        step = Step(live, [cache.lengths[s] + 1 for s in live])
         placeholder = torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=device)  # a 4D mask is passed through as is
         config = self.model.config
         before = config._attn_implementation
-        token = _STEP.set(step)
+        token = STEP.set(step)
         config._attn_implementation = ROW_ATTENTION
         try:
             out = self.model(
@@ -523,14 +285,14 @@ class Generator:
             )
         except Exception as exc:
             if check and step.calls < len(cache.keys):  # a layer of its own met the slot layout and failed
-                raise _NotThroughInterface from exc
+                raise NotThroughInterface from exc
             raise
         finally:
             config._attn_implementation = before
-            _STEP.reset(token)
+            STEP.reset(token)
         self.forward_calls += 1
         if check and step.calls != len(cache.keys):
-            raise _NotThroughInterface
+            raise NotThroughInterface
         for s in live:
             cache.lengths[s] += 1
         return out.logits[: len(live), -1].float()
@@ -659,10 +421,6 @@ class Generator:
         if done:
             row.result = Generation(row.detok.text, row.detok.tokens, "eos" if eos else "length")
         return done
-
-
-class _NotThroughInterface(Exception):
-    """The model's layers did not call `_row_attention`: its attention is its own."""
 
 
 def _eos_ids(model, tokenizer) -> frozenset[int]:

@@ -153,7 +153,7 @@ class HFLM:
         continuations are laid out in a canonical order (sorted token ids, each pair once). A
         score therefore depends on neither the order, the repetition nor the company of the
         requests: where a row's prefix ends is its request's own, and its attention runs at its own
-        width (see `scoring.attention_spans`)."""
+        width (see `attention.attention_spans`)."""
         return self._scored(requests, exact=False)
 
     def loglikelihood_exact(self, requests: list[Request]) -> list[float]:
