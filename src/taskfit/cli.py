@@ -38,7 +38,7 @@ def run(
     only: Annotated[Optional[list[str]], typer.Option("--only", help="Run only this run (repeatable).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N test examples.")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default runs/<name>/).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Override the experiment's seed.")] = None,
+    seed: Annotated[Optional[int], typer.Option(min=0, help="Override the experiment's seed.")] = None,
 ) -> None:
     """Run every run of EXPERIMENT (or those given with --only) and print a results table."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -47,6 +47,7 @@ def run(
 
     _quiet_libraries()
     try:
+        target = out_dir or Path("runs") / taskfit.load_experiment(experiment).config.name
         with Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -64,8 +65,7 @@ def run(
     if not is_main_process():  # under accelerate launch/torchrun, the main process reports
         return
     out.print(results_table(results))
-    target = out_dir or Path("runs") / taskfit.load_experiment(experiment).config.name
-    out.print(f"Results written to {target}/results.json")
+    out.print(f"Results written to {escape(str(target))}/results.json")
 
 
 @app.command()
@@ -79,7 +79,7 @@ def validate(experiment: Annotated[Path, typer.Argument(help="The experiment YAM
     except TaskfitError as exc:
         _fail(exc)
     sizes = ", ".join(f"{k}: {len(v)}" for k, v in p.task.splits.items())
-    out.print(f"{experiment}: OK — {p.task.type}, {sizes}; runs: {', '.join(p.runs)}")
+    out.print(escape(f"{experiment}: OK — {p.task.type}, {sizes}; runs: {', '.join(p.runs)}"))
 
 
 @app.command()
@@ -87,25 +87,61 @@ def compare(
     paths: Annotated[list[Path], typer.Argument(help="An experiment folder, or several run folders.")],
     out_file: Annotated[
         Optional[Path],
-        typer.Option("--out", help="Where to write comparison.json (default: in the experiment folder)."),
+        typer.Option(
+            "--out",
+            help="Where to write comparison.json (default: in the experiment folder given; with several "
+            "folders, ./comparison.json).",
+        ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the bootstrap and permutation resamples.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the bootstrap and permutation resamples.")] = 0,
 ) -> None:
     """Paired comparisons of runs on the same test items: differences, 95% CIs, adjusted p-values."""
     import json
 
     from taskfit.compare import compare_cells
     from taskfit.rundir import load_cells
+
+    target = out_file or (paths[0] if len(paths) == 1 else Path(".")) / "comparison.json"
+    try:
+        target = _comparison_target(target)
+        comparison = compare_cells(load_cells(paths), seed=seed)
+        out.print(comparison_table(comparison))
+        _write(target, json.dumps(comparison, indent=2))
+    except TaskfitError as exc:
+        _fail(exc)
+    out.print(f"Written to {escape(str(target))}")
+
+
+def _comparison_target(path: Path) -> Path:
+    """Where comparison.json goes (a link's target), refusing to replace any file that is not a
+    comparison: a user's own file, or a run's predictions given as --out by mistake."""
+    import json
+
+    path = path.resolve() if path.is_symlink() else path
+    if path.is_dir():
+        raise TaskfitError(f"--out {path}: a folder; give a file name, e.g. {path / 'comparison.json'}.")
+    if path.exists():
+        try:
+            ours = "comparisons" in json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            raise TaskfitError(
+                f"--out {path}: this file exists and is not a comparison written by taskfit; it was left as it "
+                "is. Give another file name."
+            )
+    return path
+
+
+def _write(path: Path, text: str) -> None:
+    """`atomic_write`, with a failure (read-only folder, no room) as a TaskfitError."""
     from taskfit.store import atomic_write
 
     try:
-        comparison = compare_cells(load_cells(paths), seed=seed)
-    except TaskfitError as exc:
-        _fail(exc)
-    target = out_file or (paths[0] if len(paths) == 1 else Path(".")) / "comparison.json"
-    atomic_write(target, json.dumps(comparison, indent=2))
-    out.print(comparison_table(comparison))
-    out.print(f"Written to {target}")
+        atomic_write(path, text)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise TaskfitError(f"{path}: cannot write it ({reason}). Choose a folder you can write to.") from None
 
 
 def comparison_table(comparison: dict) -> Table:
@@ -146,7 +182,7 @@ def report(
         path = write_report(experiment_dir)
     except TaskfitError as exc:
         _fail(exc)
-    out.print(f"Report written to {path} and {path.with_name('report.md')}")
+    out.print(escape(f"Report written to {path} and {path.with_name('report.md')}"))
 
 
 @app.command()

@@ -41,6 +41,11 @@ def compare_cells(cells: list[CellResult], *, resamples: int = 1000, seed: int =
     names = _unique_names(cells)
     rows = []
     pairs = _pairs(cells)
+    if not pairs:
+        raise TaskfitError(
+            f"nothing to compare: no two of these {len(cells)} cells are different runs at the same seed "
+            f"({', '.join(sorted({c.name for c in cells}))}); paired comparisons need two runs or more."
+        )
     for a, b in pairs:
         n = max(len(a.predictions), 1)
         permutations = max(
@@ -51,7 +56,13 @@ def compare_cells(cells: list[CellResult], *, resamples: int = 1000, seed: int =
         family = [r for r in rows if r["metric"] == metric]
         for row, adjusted in zip(family, holm_bonferroni([r["p_value"] for r in family])):
             row["p_adjusted"] = adjusted
-    return {"comparisons": rows}
+    return {"comparisons": rows, "seed": seed, "cells": fingerprints(cells)}
+
+
+def fingerprints(cells: list[CellResult]) -> dict[str, str]:
+    """Each cell's predictions, by its folder: what a stored comparison was computed from (the
+    report uses it only while they match)."""
+    return {str(c.folder.resolve()): c.digest for c in cells}
 
 
 def _pairs(cells: list[CellResult]) -> list[tuple[CellResult, CellResult]]:
@@ -166,6 +177,7 @@ def _per_example_row(metric: str, values, base: dict, draws: tuple[int, int], se
 
 
 def _same_items(a: CellResult, b: CellResult, names) -> tuple[dict, dict]:
+    """Both cells' rows by id, after checking they answered the same items with the same gold."""
     rows_a = {r["id"]: r for r in a.predictions}
     rows_b = {r["id"]: r for r in b.predictions}
     if rows_a.keys() != rows_b.keys():
@@ -175,7 +187,17 @@ def _same_items(a: CellResult, b: CellResult, names) -> tuple[dict, dict]:
             f"same test items ({common} in common). Paired tests need the same items: run both on the same test "
             "split with the same --limit."
         )
+    differ = [i for i in rows_a if _gold(rows_a[i]) != _gold(rows_b[i])]
+    if differ:
+        raise TaskfitError(
+            f"'{names[id(a)]}' and '{names[id(b)]}' disagree on the gold answer of {len(differ)} test item(s) "
+            f"(first: '{differ[0]}'): they used different test data. Compare runs of the same test split."
+        )
     return rows_a, rows_b
+
+
+def _gold(row: dict) -> Any:
+    return row.get("label"), row.get("references")
 
 
 def _aligned(a: CellResult, b: CellResult, names: dict[int, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -184,15 +206,22 @@ def _aligned(a: CellResult, b: CellResult, names: dict[int, str]) -> tuple[np.nd
     ids = sorted(rows_a)
     labels = a.manifest.get("task", {}).get("labels") or []
     index = {label: i for i, label in enumerate(labels)}
-    as_int = (lambda v: index[v]) if labels else int
-    gold = np.array([as_int(rows_a[i]["label"]) for i in ids])
-    if any(as_int(rows_b[i]["label"]) != g for i, g in zip(ids, gold)):
-        raise TaskfitError(
-            f"'{names[id(a)]}' and '{names[id(b)]}' disagree on gold labels: they used different test data."
-        )
-    pred_a = np.array([as_int(rows_a[i]["prediction"]) for i in ids])
-    pred_b = np.array([as_int(rows_b[i]["prediction"]) for i in ids])
-    n_classes = len(labels) or int(max(len(r["scores"]) for r in a.predictions))
+
+    def as_int(cell: CellResult, item, field: str) -> int:
+        value = (rows_a if cell is a else rows_b)[item][field]
+        try:
+            return index[value] if labels else int(value)
+        except (KeyError, TypeError, ValueError):
+            expected = f"one of the labels {labels}" if labels else "an option index"
+            raise TaskfitError(
+                f"{cell.folder / 'predictions.jsonl'}: item '{item}': {field} {value!r} is not {expected}. "
+                "The run folder is damaged: run `taskfit run` again to rewrite it."
+            ) from None
+
+    gold = np.array([as_int(a, i, "label") for i in ids])
+    pred_a = np.array([as_int(a, i, "prediction") for i in ids])
+    pred_b = np.array([as_int(b, i, "prediction") for i in ids])
+    n_classes = len(labels) or int(max(len(r.get("scores") or []) for r in a.predictions))
     return gold, pred_a, pred_b, n_classes
 
 
@@ -207,6 +236,13 @@ def _same_task(cells: list[CellResult]) -> None:
     if len(types) > 1:
         raise TaskfitError(
             f"these runs belong to different task types ({', '.join(map(str, types))}); compare runs of one task."
+        )
+    label_sets = {tuple(c.manifest.get("task", {}).get("labels") or []): c for c in cells}
+    if len(label_sets) > 1:
+        (x, a), (y, b) = list(label_sets.items())[:2]
+        raise TaskfitError(
+            f"{a.folder} and {b.folder} have different labels ({', '.join(x) or 'none'} vs {', '.join(y) or 'none'}): "
+            "they are runs of different tasks; compare runs of one task."
         )
 
 

@@ -24,7 +24,7 @@ from taskfit.finetune_cell import check_finetune_cell, run_finetune_cell
 from taskfit.models import frozen_load
 from taskfit.models.base import LM
 from taskfit.models.cached import CachedLM
-from taskfit.store import ScoreCache, atomic_write, is_main_process, merge_results
+from taskfit.store import ScoreCache, atomic_write, check_out_dir, is_main_process, merge_results
 from taskfit.tasks import Task, load_task
 
 
@@ -140,8 +140,10 @@ def run(
     p = plan(path, only, limit, seed)
     cfg = p.experiment.config
     out_dir = Path(out) if out else Path("runs") / cfg.name
-    per_cell: dict[Cell, dict] = {}
     main = is_main_process()
+    if main:
+        check_out_dir(out_dir, Path(path))
+    per_cell: dict[Cell, dict] = {}
     tracker = _tracker(cfg, out_dir) if main else None
     by_model = _by_model(p.cells)
     # Every process of a multi-process launch trains together; the other cells, and the run's

@@ -20,6 +20,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from taskfit.errors import TaskfitError
 from taskfit.models.base import Request
 
 
@@ -41,7 +42,9 @@ class PredictionFile:
     """`<cell>/predictions.jsonl` written row by row, so no run holds all its rows in memory.
 
     Rows go to a hidden partial file that replaces predictions.jsonl only when the cell
-    finishes: a failed or killed run leaves an earlier predictions.jsonl as it was."""
+    finishes: a failed or killed run leaves an earlier predictions.jsonl as it was. An earlier
+    manifest.json goes when its predictions are replaced: until the new one is written (after
+    the metrics), the cell reads as unfinished rather than as the old run."""
 
     NAME = "predictions.jsonl"
 
@@ -63,6 +66,7 @@ class PredictionFile:
     def __exit__(self, exc_type, exc, tb) -> None:
         self._file.close()
         if exc_type is None:
+            (self.path.parent / "manifest.json").unlink(missing_ok=True)
             self.partial.replace(self.path)
         else:
             self.partial.unlink(missing_ok=True)
@@ -149,5 +153,52 @@ class ScoreCache:
 
 def merge_results(path: Path, new: dict[str, Any]) -> dict[str, Any]:
     """Earlier runs' results stay unless this invocation reran them."""
-    old = json.loads(path.read_text()) if path.is_file() else {}
+    old = read_results(path)
     return {**{k: v for k, v in old.items() if k not in new}, **new}
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """An output folder's results.json ({} if none), refused if it is not one taskfit wrote: a
+    run must not replace a user's own file of that name."""
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        old = exc
+    if not isinstance(old, dict) or not all(isinstance(v, dict) for v in old.values()):
+        raise TaskfitError(
+            f"{path}: not a results.json written by taskfit, so this run would replace it. Move it away, or give "
+            "the run another output folder (--out)."
+        )
+    return old
+
+
+def check_out_dir(out_dir: Path, experiment: Path) -> None:
+    """Refuse, before anything is computed, an output folder that would overwrite what a user
+    has: a file where the folder goes, the experiment file itself (as <out>/config.yaml), a
+    results.json that is not taskfit's."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TaskfitError(f"{out_dir}: a file, where the run's output folder goes. Give a folder (--out).")
+    config = out_dir / "config.yaml"
+    if config.exists() and experiment.exists() and config.samefile(experiment):
+        raise TaskfitError(
+            f"{experiment}: the experiment file is in the run's output folder, where the run writes its resolved "
+            "config.yaml over it. Move the experiment file out of that folder, or give another folder with --out."
+        )
+    if config.exists() and not _is_experiment(config):
+        raise TaskfitError(
+            f"{config}: not a config.yaml written by taskfit, so this run would replace it. Move it away, or give "
+            "the run another output folder (--out)."
+        )
+    read_results(out_dir / "results.json")
+
+
+def _is_experiment(path: Path) -> bool:
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(loaded, dict) and {"task", "runs"} <= loaded.keys()

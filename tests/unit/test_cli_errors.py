@@ -187,3 +187,93 @@ _leave({code!r})
     assert (tmp_path / "thread").read_text() == "done"
     assert (tmp_path / "atexit").read_text() == "done"
     assert ("a message" in proc.stderr) is (code == "a message")
+
+
+def test_run_never_writes_over_the_experiment_file_or_a_users_files(project, runner, monkeypatch, fake_lm):
+    """Checked before anything is computed: the experiment file kept inside the output folder (it
+    would become <out>/config.yaml), a file where the folder goes, a results.json or config.yaml
+    that taskfit did not write."""
+    monkeypatch.setattr(taskfit.models, "load_model", lambda config=None: fake_lm())
+    inside = project / "runs" / "cls"
+    inside.mkdir(parents=True)
+    text = (project / "cls.yaml").read_text().replace("cls_small.csv", "../../cls_small.csv")
+    (inside / "config.yaml").write_text(text.replace("cls_train.csv", "../../cls_train.csv"))
+    before = (inside / "config.yaml").read_text()
+    result = runner.invoke(app, ["run", str(inside / "config.yaml"), "--out", str(inside), "--limit", "4"])
+    assert result.exit_code == 2 and "experiment file is in the run's output folder" in result.stderr
+    assert (inside / "config.yaml").read_text() == before and not (inside / "results.json").exists()
+
+    users = project / "mine"
+    users.mkdir()
+    for name, content in (("results.json", '{"my": "stuff"}'), ("config.yaml", "colour: blue\n")):
+        (users / name).write_text(content)
+        result = runner.invoke(app, ["run", str(project / "cls.yaml"), "--out", str(users), "--limit", "4"])
+        assert result.exit_code == 2 and f"{name} written by taskfit" in result.stderr, result.output
+        assert (users / name).read_text() == content
+        (users / name).unlink()
+    (project / "afile").write_text("x")
+    result = runner.invoke(app, ["run", str(project / "cls.yaml"), "--out", str(project / "afile"), "--limit", "4"])
+    assert result.exit_code == 2 and "a file, where the run's output folder goes" in result.stderr
+
+
+def test_a_cell_whose_predictions_were_replaced_is_unfinished_until_its_manifest(project, monkeypatch, fake_lm):
+    """A run that fails after writing a cell's new predictions (here: computing its metrics) must
+    not leave them beside the old manifest, which compare and report would read as one cell."""
+    from taskfit import cell as cell_module
+    from taskfit.rundir import load_cells
+
+    out = project / "out"
+    taskfit.run(project / "cls.yaml", out=out, lm=fake_lm(), limit=4)
+    assert len(load_cells([out])) == 1
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("metrics failed")
+
+    monkeypatch.setattr(cell_module.MetricInputs, "metrics", fail)
+    with pytest.raises(RuntimeError):
+        taskfit.run(project / "cls.yaml", out=out, lm=fake_lm(), limit=3)
+    with pytest.raises(TaskfitError, match="no finished runs"):
+        load_cells([out])
+
+
+def test_load_model_takes_a_name_or_a_mapping_and_names_what_is_wrong(tmp_path):
+    from taskfit.models.hf import HFLM
+
+    with pytest.raises(TaskfitError, match="give a ModelConfig, a model name or a dict"):
+        taskfit.load_model(42)
+    with pytest.raises(TaskfitError, match=r"model.dtype: Input should be"):
+        taskfit.load_model({"name": "x", "dtype": "half"})
+    with pytest.raises(TaskfitError, match="not a known alias, a local folder"):
+        taskfit.load_model("no-such-model")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(TaskfitError, match="is not a model transformers can load"):
+        HFLM.load(taskfit.config.ModelConfig(name=str(tmp_path), device="cpu"))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_a_cuda_device_without_a_gpu_is_named():
+    from taskfit.models.hf import pick_device
+
+    with pytest.raises(TaskfitError, match="this torch sees no CUDA GPU"):
+        pick_device("cuda")
+    assert pick_device("cpu") == "cpu" and pick_device("auto") == "cpu"
+
+
+def test_an_unusable_model_cache_folder_is_named(tmp_path, monkeypatch):
+    """The hashes memo is only a speed-up: a damaged one is ignored; a cache path that cannot be
+    a folder is named when a GGUF file must be converted into it."""
+    from taskfit.models import registry
+
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    (cache / "models" / "hashes.json").write_text('{"trunc')
+    monkeypatch.setenv("TASKFIT_CACHE", str(cache))
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"abc")
+    assert len(registry._file_hash(weights)) == 64
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file")
+    monkeypatch.setenv("TASKFIT_CACHE", str(blocked))
+    assert len(registry._file_hash(weights)) == 64  # the memo is not written; nothing fails
+    with pytest.raises(TaskfitError, match="cannot write the converted model to the cache folder"):
+        registry._convert_gguf(tmp_path / "m.gguf", registry.cache_dir() / "m-abc", "abc")

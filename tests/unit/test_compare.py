@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -141,3 +143,120 @@ def test_permutations_grow_with_the_pairs_so_holm_can_reach_small_p(tmp_path):
     assert len(rows) == 15 and {r["permutations"] for r in rows} == {15 * PERMUTATIONS_PER_PAIR}
     perfect_vs_random = [r for r in rows if "r0" in (r["a"], r["b"])]
     assert max(r["p_adjusted"] for r in perfect_vs_random) < 15 / 1001 / 5
+
+
+def test_report_shows_a_stored_comparison_only_while_its_runs_are_unchanged(project, fake_lm, experiment):
+    """comparison.json records a hash of each cell's predictions; once a run is written again
+    (here on fewer items), the report computes the comparison afresh instead of showing the old."""
+    from taskfit.report.data import gather
+
+    assert CliRunner().invoke(app, ["compare", str(experiment)]).exit_code == 0
+    stored = json.loads((experiment / "comparison.json").read_text())
+    assert gather(experiment).comparisons == stored["comparisons"]
+    taskfit.run(project / "three.yaml", out=experiment, lm=fake_lm(), limit=5)
+    rows = gather(experiment).comparisons
+    assert rows and all(r["n"] == 5 for r in rows)
+    assert {r["n"] for r in stored["comparisons"]} != {5}
+
+
+def test_runs_whose_gold_answers_differ_are_refused_for_every_task_type(tmp_path):
+    refs = ["paris", "blue", "seven"]
+    a = [{"id": str(i), "label": r, "references": [r], "prediction": r, "correct": True} for i, r in enumerate(refs)]
+    b = [{**row, "label": "rome", "references": ["rome"]} if row["id"] == "1" else row for row in a]
+    with pytest.raises(TaskfitError, match=r"disagree on the gold answer of 1 test item\(s\) \(first: '1'\)"):
+        compare_cells([_cell(tmp_path, "a", "generation", a), _cell(tmp_path, "b", "generation", b)])
+    tags = [{"id": "0", "label": ["B-PER", "O"], "prediction": ["O", "O"], "correct": False}]
+    other = [{**tags[0], "label": ["O", "O"]}]
+    with pytest.raises(TaskfitError, match="disagree on the gold answer"):
+        compare_cells(
+            [_cell(tmp_path, "a", "token_classification", tags), _cell(tmp_path, "b", "token_classification", other)]
+        )
+
+
+def test_runs_of_tasks_with_other_labels_are_refused(experiment, project, fake_lm):
+    cells = load_cells([experiment / "plain", experiment / "cloze"])
+    cells[1].manifest["task"]["labels"] = ["bad", "good"]
+    with pytest.raises(TaskfitError, match="different labels"):
+        compare_cells(cells)
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "expected"),
+    [
+        (
+            "predictions.jsonl",
+            '{"id": "a", "prediction": "x"}\n{"id": "b", "predic',
+            r"predictions.jsonl, line 2: not valid JSON",
+        ),
+        ("predictions.jsonl", "[1, 2]\n", r"line 1: not a prediction row"),
+        (
+            "predictions.jsonl",
+            '{"id": "a", "prediction": 1}\n{"id": "a", "prediction": 2}\n',
+            r"line 2: item 'a' appears twice",
+        ),
+        ("manifest.json", '{"run": "pla', r"manifest.json: not valid JSON"),
+        ("manifest.json", "[]", r"manifest.json: not a taskfit manifest"),
+    ],
+)
+def test_damaged_run_files_are_named_with_their_line(experiment, file, content, expected):
+    (experiment / "plain" / file).write_text(content)
+    result = CliRunner().invoke(app, ["compare", str(experiment)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert re.search(expected, result.stderr) and "run `taskfit run` again" in result.stderr
+
+
+def test_a_prediction_outside_the_label_set_is_named(experiment):
+    path = experiment / "cloze" / "predictions.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[3]["prediction"] = "Positive"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(TaskfitError, match=rf"item '{rows[3]['id']}': prediction 'Positive' is not one of the labels"):
+        compare_cells(load_cells([experiment]))
+
+
+def test_a_folder_given_twice_counts_once_and_seeds_of_one_run_are_not_compared(project, fake_lm, experiment):
+    assert len(load_cells([experiment, experiment / "plain", experiment])) == 3
+    text = (project / "cls.yaml").read_text()
+    (project / "seeds.yaml").write_text(text[: text.index("runs:")] + "seeds: [0, 1]\n" + RUNS)
+    taskfit.run(project / "seeds.yaml", out=project / "s", lm=fake_lm(), only=["plain"])
+    result = CliRunner().invoke(app, ["compare", str(project / "s")])
+    assert result.exit_code == 2 and "nothing to compare" in result.stderr and "plain#seed1" in result.stderr
+
+
+def test_compare_never_replaces_a_file_that_is_not_a_comparison(experiment, tmp_path):
+    runner = CliRunner()
+    predictions = experiment / "plain" / "predictions.jsonl"
+    before = predictions.read_text()
+    result = runner.invoke(app, ["compare", str(experiment), "--out", str(predictions)])
+    assert result.exit_code == 2 and "not a comparison written by taskfit" in result.stderr
+    assert predictions.read_text() == before
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"my": "notes"}')
+    assert runner.invoke(app, ["compare", str(experiment), "--out", str(mine)]).exit_code == 2
+    assert mine.read_text() == '{"my": "notes"}'
+    assert runner.invoke(app, ["compare", str(experiment), "--out", str(tmp_path)]).exit_code == 2
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "target.json")
+    again = runner.invoke(app, ["compare", str(experiment), "--out", str(link)])
+    assert again.exit_code == 0 and link.is_symlink() and "comparisons" in (tmp_path / "target.json").read_text()
+    assert runner.invoke(app, ["compare", str(experiment), "--out", str(link)]).exit_code == 0  # ours: replaced
+
+
+def test_compare_prints_its_table_and_names_a_folder_it_cannot_write(experiment, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        result = CliRunner().invoke(app, ["compare", str(experiment), "--out", str(locked / "c.json")])
+    finally:
+        locked.chmod(0o700)
+    if os.geteuid() == 0:  # root writes anyway: nothing to refuse
+        assert result.exit_code == 0
+    else:
+        assert result.exit_code == 2 and "cannot write it" in result.stderr
+    assert "plain vs cloze" in result.stdout
+
+
+def test_compare_refuses_a_negative_seed(experiment):
+    result = CliRunner().invoke(app, ["compare", str(experiment), "--seed", "-1"])
+    assert result.exit_code == 2 and "Traceback" not in result.output

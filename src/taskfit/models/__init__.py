@@ -11,13 +11,33 @@ __all__ = ["ALIASES", "LM", "Request", "frozen_load", "load_model", "paused_coll
 
 
 def load_model(config=None) -> LM:
-    """Load a model from a `ModelConfig` (default: the default model, dtype auto)."""
-    from taskfit.config import ModelConfig
-
+    """Load a model from a `ModelConfig`, a model name (alias, folder, .gguf file or hub id) or the
+    `model:` mapping of an experiment file (default: the default model, dtype auto)."""
     with paused_collector():  # the first call imports torch and the model's code from transformers
         from taskfit.models.hf import HFLM
 
-        return HFLM.load(config or ModelConfig())
+        return HFLM.load(_model_config(config))
+
+
+def _model_config(config):
+    import os
+
+    import pydantic
+
+    from taskfit.config import ModelConfig
+    from taskfit.errors import TaskfitError
+
+    if config is None or isinstance(config, ModelConfig):
+        return config or ModelConfig()
+    if isinstance(config, str | os.PathLike):
+        config = {"name": os.fspath(config)}
+    if not isinstance(config, dict):
+        raise TaskfitError(f"load_model: give a ModelConfig, a model name or a dict of its fields, not {config!r}.")
+    try:
+        return ModelConfig(**config)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(f"model.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise TaskfitError(f"load_model: {problems}.") from None
 
 
 @contextmanager

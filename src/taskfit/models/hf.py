@@ -22,11 +22,21 @@ log = logging.getLogger(__name__)
 
 
 def pick_device(name: str) -> str:
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
+    """`auto`: a CUDA GPU where there is one, else the CPU; a device asked for must be there."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TaskfitError(f"model.device: '{name}' is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TaskfitError(
+            f"model.device: {name}, but this torch sees no CUDA GPU (torch {torch.__version__}). "
+            "Use device: auto (or cpu), or install a CUDA build of torch on a machine with a GPU."
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise TaskfitError(f"model.device: {name}, but only {torch.cuda.device_count()} CUDA GPU(s) are visible.")
+    return name
 
 
 def cpu_has_native_bf16() -> bool:
@@ -122,6 +132,12 @@ class HFLM:
             raise TaskfitError(
                 f"model.name: cannot load '{config.name}' ({exc}). Offline, a hub id works only when it is "
                 "already in the Hugging Face cache; otherwise give a local folder, a .gguf file or an alias."
+            ) from None
+        except (ValueError, KeyError) as exc:  # what transformers raises for a folder that holds no usable model
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TaskfitError(
+                f"model.name: '{config.name}' is not a model transformers can load ({reason}). Give a folder written "
+                "by save_pretrained (config.json, weights and tokenizer files), a .gguf file or an alias."
             ) from None
         identity = {**resolved.identity, "dtype": precision.name, "device": device}
         if precision.compute != precision.weights and config.recheck_margin:

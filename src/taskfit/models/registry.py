@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -126,8 +127,14 @@ def _convert_gguf(gguf: Path, folder: Path, sha: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".converting-"))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".converting-"))
+    except OSError as exc:
+        raise TaskfitError(
+            f"model.name: cannot write the converted model to the cache folder {folder.parent} "
+            f"({exc.strerror or exc}). Point TASKFIT_CACHE (or XDG_CACHE_HOME) at a folder you can write to."
+        ) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -148,21 +155,29 @@ def _convert_gguf(gguf: Path, folder: Path, sha: str) -> None:
 
 
 def _file_hash(path: Path) -> str:
-    """sha256 of a file, remembered next to the cache by size and mtime (hashing 100 MB costs ~0.3 s)."""
+    """sha256 of a file, remembered next to the cache by size and mtime (hashing 100 MB costs ~0.3 s).
+    The memo only saves time: one that cannot be read or written is ignored."""
     stat = path.stat()
     memo = cache_dir() / "hashes.json"
     key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
-    known = json.loads(memo.read_text()) if memo.is_file() else {}
+    try:
+        known = json.loads(memo.read_text()) if memo.is_file() else {}
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
     if key not in known:
         digest = hashlib.sha256()
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 digest.update(block)
         known[key] = digest.hexdigest()
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=1))
-        tmp.replace(memo)
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            tmp.replace(memo)
+        except OSError as exc:
+            logging.getLogger(__name__).debug("model cache: hashes not remembered (%s)", exc)
     return known[key]
 
 

@@ -118,17 +118,21 @@ def _finished(cells: list[CellResult]) -> datetime | None:
 
 
 def _comparisons(folder: Path, cells: list[CellResult]) -> tuple[list[dict[str, Any]], str]:
+    """comparison.json's rows while they were computed from these very cells (`taskfit compare`
+    records their predictions' hashes), else computed afresh: a run written again since, or a
+    comparison of other cells, must not show its old numbers."""
     stored = _read_json(folder / "comparison.json")
-    if stored is not None:
-        return _as_rows(stored), ""
     if len({c.label for c in cells}) < 2:
         return [], "Only one run: nothing to compare."
     try:
-        from taskfit.compare import compare_cells
+        from taskfit.compare import compare_cells, fingerprints
     except ImportError:
         return [], "No comparison.json, and this taskfit cannot compute comparisons."
+    if isinstance(stored, dict) and stored.get("cells") == fingerprints(cells):
+        return _as_rows(stored), ""
+    seed = stored.get("seed") if isinstance(stored, dict) and isinstance(stored.get("seed"), int) else 0
     try:
-        return _as_rows(compare_cells(cells)), ""
+        return _as_rows(compare_cells(cells, seed=max(seed, 0))), ""
     except TaskfitError as exc:
         log.warning("report: comparisons skipped: %s", exc)
         return [], f"Comparisons could not be computed: {exc}"
