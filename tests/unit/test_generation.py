@@ -485,3 +485,11 @@ def test_attention_arguments_the_rows_leave_out_fall_back(tmp_path, monkeypatch)
     for req, (gen,) in zip(reqs, other.generator.run_all(reqs)):
         assert gen.tokens == reference_greedy(other, req.context, 8)
     assert not other.generator.slots and other.truncated == 0
+
+
+def test_max_new_tokens_that_fill_the_context_are_a_user_error(tmp_path):
+    from taskfit.errors import TaskfitError
+
+    lm = HFLM.load(ModelConfig(name=str(build_tiny_model(tmp_path / "m", max_positions=32)), dtype="float32"))
+    with pytest.raises(TaskfitError, match="prompt.max_new_tokens: 40 new tokens leave no room for the prompt"):
+        lm.generate([GenerationRequest("Question: why?", max_new_tokens=40)])

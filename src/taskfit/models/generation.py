@@ -39,6 +39,7 @@ from typing import NamedTuple
 
 import torch
 
+from taskfit.errors import TaskfitError
 from taskfit.models.attention import expanded_cache, prefix_key
 from taskfit.models.base import GenerationRequest
 from taskfit.models.decoding import Detokenizer, draw, filter_logits, find_stop, sample_seed
@@ -171,7 +172,10 @@ class Generator:
             ids = [self.tokenizer.eos_token_id if bos is None else bos]
         room = self.max_length - max_new_tokens
         if room < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in {self.max_length}.")
+            raise TaskfitError(
+                f"prompt.max_new_tokens: {max_new_tokens} new tokens leave no room for the prompt in this model's "
+                f"context of {self.max_length} tokens. Lower max_new_tokens (well below {self.max_length})."
+            )
         if len(ids) > room:
             ids = ids[-room:]
             self.truncated += 1
