@@ -119,7 +119,30 @@ def run_cell(
         "trainable_parameters": 0,
         "config": {"prompt": prompt.model_dump(mode="json")},
     }
-    return write_cell(cell, task, inputs, lm.identity, extra, out_dir, root, start, tracker)
+    metrics = write_cell(cell, task, inputs, lm.identity, extra, out_dir, root, start, tracker)
+    _warn_failed_parsing(cell, metrics)
+    return metrics
+
+
+FAILED_SHARE = 0.5
+"""Share of examples whose answer could not be read from the generated text above which a run warns."""
+
+
+def _warn_failed_parsing(cell: Cell, metrics: dict[str, Any]) -> None:
+    """The results table shows accuracy alone: say so when most answers were not found in the
+    generated text (an `extract` pattern that never matches, entity lines in another format)."""
+    for rate, what in (("extraction_failed", "prompt.extract"), ("parse_failed", "the entity lines' format")):
+        share = metrics.get(rate)
+        if isinstance(share, int | float) and share >= FAILED_SHARE:
+            log.warning(
+                "%s: no answer could be read from %.0f%% of the generated texts (%s = %.3f); check %s against the "
+                "generations in predictions.jsonl",
+                cell.folder,
+                100 * share,
+                rate,
+                share,
+                what,
+            )
 
 
 def write_rows(folder: Path, task: Task, chunks: Iterable[list[dict[str, Any]]]) -> MetricInputs:

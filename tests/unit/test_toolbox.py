@@ -126,7 +126,7 @@ def test_few_shot_cot_demos_show_rationales_and_extract_answers(yesno, tmp_path)
     assert lm.scored == []  # every answer extracted: no fallback scoring
 
 
-def test_failed_extraction_falls_back_to_scoring_and_is_reported(yesno, tmp_path):
+def test_failed_extraction_falls_back_to_scoring_and_is_reported(yesno, tmp_path, caplog):
     lm = ScriptedLM(
         script=lambda ctx, s, seed: " I am not sure.", score=lambda r: -0.5 if r.continuation == "no" else -3.0
     )
@@ -136,6 +136,7 @@ def test_failed_extraction_falls_back_to_scoring_and_is_reported(yesno, tmp_path
     results = taskfit.run(path, out=tmp_path / "out", lm=lm)
     assert lm.generated[0].context.endswith("A: Let's think step by step.")  # zero-shot trigger
     assert results["r"]["extraction_failed"] == 1.0
+    assert "no answer could be read from 100% of the generated texts" in caplog.text  # the table shows accuracy
     assert all(r["prediction"] == "no" for r in rows_of(tmp_path / "out"))
     assert lm.scored[0].context.endswith("I am not sure. So the answer is ")
 
