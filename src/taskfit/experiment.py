@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,14 @@ class Plan:
 
 def plan(path: str | Path, only: list[str] | None = None, limit: int | None = None, seed: int | None = None) -> Plan:
     """Load and check everything that can be checked without a model."""
+    if not isinstance(path, str | os.PathLike):
+        raise TaskfitError(f"give the path of an experiment YAML file, not {type(path).__name__} {path!r}.")
+    only = [only] if isinstance(only, str) else only
+    for name, value in (("limit", limit), ("seed", seed)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise TaskfitError(f"{name} (--{name}) must be a whole number, not {value!r}.")
+    if seed is not None and seed < 0:
+        raise TaskfitError(f"seed (--seed) must be 0 or more, not {seed}.")
     experiment = load_experiment(path)
     cfg = experiment.config
     runs = dict(cfg.runs)
@@ -55,7 +64,7 @@ def plan(path: str | Path, only: list[str] | None = None, limit: int | None = No
     if only:
         runs = {k: v for k, v in runs.items() if k in only}
     if limit is not None and limit < 1:
-        raise TaskfitError("--limit must be a positive number of test examples.")
+        raise TaskfitError("limit (--limit) must be a positive number of test examples.")
     if cfg.tracking == "mlflow":
         from taskfit.tracking import require_mlflow
 

@@ -366,3 +366,17 @@ def test_peak_memory_is_counted_per_cell():
     second = peak_memory_mb()
     assert first["cpu_rss_scope"] == second["cpu_rss_scope"] == "cell"
     assert first["cpu_rss"] - second["cpu_rss"] > 250
+
+
+def test_the_api_takes_one_run_name_and_names_wrong_arguments(project, fake_lm, tmp_path):
+    results = taskfit.run(project / "cls.yaml", only="zero", out=tmp_path / "out", lm=fake_lm(), limit=2)
+    assert list(results) == ["zero"]
+    for kwargs, expected in (
+        ({"path": None}, "give the path of an experiment YAML file, not NoneType"),
+        ({"limit": "5"}, r"limit \(--limit\) must be a whole number, not '5'"),
+        ({"limit": 3.7}, "must be a whole number, not 3.7"),
+        ({"seed": -1}, r"seed \(--seed\) must be 0 or more"),
+    ):
+        args = {"path": project / "cls.yaml", **kwargs}
+        with pytest.raises(TaskfitError, match=expected):
+            taskfit.run(args.pop("path"), out=tmp_path / "x", lm=fake_lm(), **args)
