@@ -158,7 +158,8 @@ def comparison_table(comparison: dict) -> Table:
     )
     for r in comparison["comparisons"]:
         low, high = r["ci95"]
-        small = "*" if abs(r["difference"]) < r["mdd"] else ""
+        mdd = r.get("mdd")
+        small = "*" if mdd is not None and abs(r["difference"]) < mdd else ""
         table.add_row(
             escape(f"{r['a']} vs {r['b']}"),
             r["metric"],
@@ -166,7 +167,7 @@ def comparison_table(comparison: dict) -> Table:
             f"{r['difference']:+.3f} [{low:+.3f}, {high:+.3f}]",
             f"{r['p_value']:.3g}",
             f"{r['p_adjusted']:.3g}",
-            f"{r['mdd']:.3f}{small}",
+            "—" if mdd is None else f"{mdd:.3f}{small}",
         )
     return table
 

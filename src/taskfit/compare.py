@@ -91,6 +91,8 @@ def _compare_pair(a: CellResult, b: CellResult, names: dict[int, str], draws: tu
             perm = paired_permutation_test(fn, gold, pred_a, pred_b, n_classes, resamples=permutations, seed=seed)
             test, p = "paired_permutation", perm["p_value"]
         discordance = max(float(np.mean(correct_a != correct_b)), 1 / len(gold))
+        # the detectable difference is McNemar's, on paired correct/incorrect items: accuracy's alone
+        mdd = minimum_detectable_difference(len(gold), discordance=discordance) if metric == "accuracy" else None
         out.append(
             {
                 "metric": metric,
@@ -105,7 +107,7 @@ def _compare_pair(a: CellResult, b: CellResult, names: dict[int, str], draws: tu
                 "p_value": p,
                 "test": test,
                 **({"permutations": permutations} if test == "paired_permutation" else {}),
-                "mdd": minimum_detectable_difference(len(gold), discordance=discordance),
+                "mdd": mdd,
             }
         )
     return out
@@ -122,7 +124,7 @@ def _compare_structured(
     correct_a = np.array([bool(rows_a[i].get("correct")) for i in ids])
     correct_b = np.array([bool(rows_b[i].get("correct")) for i in ids])
     mdd = minimum_detectable_difference(len(ids), discordance=max(float(np.mean(correct_a != correct_b)), 1 / len(ids)))
-    base = {"a": names[id(a)], "b": names[id(b)], "seed": a.seed, "n": len(ids), "mdd": mdd}
+    base = {"a": names[id(a)], "b": names[id(b)], "seed": a.seed, "n": len(ids), "mdd": None}
     if kind == "token_classification":
         from taskfit.evaluation.token_metrics import paired_comparison
 
@@ -145,7 +147,11 @@ def _compare_structured(
             }
             for m, st in stats.items()
         ]
-    return [_per_example_row(metric, values, base, draws, seed) for metric, values in _text_scores(rows_a, rows_b, ids)]
+    rows = [_per_example_row(metric, values, base, draws, seed) for metric, values in _text_scores(rows_a, rows_b, ids)]
+    for row in rows:
+        if row["metric"] == "exact_match":  # the detectable difference is one of paired correct/incorrect items
+            row["mdd"] = mdd
+    return rows
 
 
 def _text_scores(rows_a, rows_b, ids):

@@ -48,7 +48,7 @@ def test_all_pairs_with_holm_adjustment(experiment):
         assert r["p_adjusted"] >= r["p_value"]
         assert r["ci95"][0] <= r["difference"] <= r["ci95"][1] or r["difference"] == 0
         assert r["difference"] == pytest.approx(r["a_value"] - r["b_value"])
-        assert r["mdd"] > 0
+        assert r["mdd"] > 0 if r["metric"] == "accuracy" else r["mdd"] is None  # McNemar's: accuracy alone
 
 
 def test_accuracy_uses_exact_mcnemar_on_the_items(experiment):
@@ -105,6 +105,7 @@ def test_generation_runs_compare_per_example_scores(tmp_path):
     by_metric = {r["metric"]: r for r in rows["comparisons"]}
     assert set(by_metric) == {"exact_match", "token_f1", "rouge_l"}
     em = by_metric["exact_match"]
+    assert em["mdd"] > 0 and by_metric["token_f1"]["mdd"] is None and by_metric["rouge_l"]["mdd"] is None
     assert (em["a_value"], em["b_value"], em["difference"]) == (1.0, 0.0, 1.0)
     assert em["ci95"] == [1.0, 1.0] and 0 < em["p_value"] <= 1
 
