@@ -7,6 +7,7 @@ key. Paths in `task.data` are relative to the experiment file. YAML is loaded wi
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +29,7 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """`auto`: bfloat16 where the device computes it natively (recent CPUs, GPUs), else float32."""
     device: str = "auto"
-    """`auto`: a GPU when one is present, else the CPU; or `cpu`, `cuda`, `cuda:1`, ..."""
+    """`auto`: a GPU when one is present, else the CPU; or `cpu`, `cuda`, `cuda:1`, ..., `mps`."""
     batch_tokens: int = Field(4096, gt=0)
     """Upper bound on tokens per forward batch when scoring; does not change any score."""
     recheck_margin: float = Field(0.2, ge=0)
@@ -37,6 +38,14 @@ class ModelConfig(_Strict):
     calibration by the scoring strategy) is scored again in float32, so that bf16 rounding seldom
     flips a near-tie (0: never). On the benchmark, bf16 moved the gap between two answers by 0.05 nats
     (median) to 0.27 (99th percentile); 0.2 rechecked ~6% of the examples."""
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        # torch would reject a misspelt device only once the run starts
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError(f"'{value}' is not a device; use auto, cpu, cuda, cuda:N (N: the GPU's index) or mps")
+        return value
 
 
 class DataConfig(_Strict):
@@ -147,6 +156,10 @@ class PromptConfig(_Strict):
             raise ValueError("give exactly one of `template` (one) or `templates` (a list)")
         if "combine" in self.model_fields_set and self.templates is None:
             raise ValueError("`combine` applies to `templates`; with one `template` remove it")
+        if self.calibrate == "contextual" and not self.content_free:
+            raise ValueError("`calibrate: contextual` needs at least one `content_free` input, e.g. ['N/A']")
+        if self.stop is not None and not all(self.stop):
+            raise ValueError("`stop` lists an empty string, which would stop before the first token; remove it")
         if self.samples > 1 and self.temperature == 0:
             raise ValueError(
                 f"`samples: {self.samples}` with `temperature: 0` would repeat one greedy answer; set a temperature > 0"
@@ -166,8 +179,6 @@ class PromptConfig(_Strict):
 
 
 def _check_regex(pattern: str) -> None:
-    import re
-
     try:
         compiled = re.compile(pattern)
     except re.error as exc:
@@ -233,8 +244,14 @@ class RunConfig(_Strict):
         return _model_from_name(value)
 
 
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+OUTPUT_FILES = ("results.json", "config.yaml", "comparison.json", "report.html", "report.md", "report_files")
+"""What taskfit writes into the output folder besides the runs' folders (and `cache`, `mlruns`)."""
+
+
 class ExperimentConfig(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str
+    """Names the output folder (default `runs/<name>`)."""
     task: TaskConfig
     model: ModelConfig | None = None
     """The model of every run (default: the default model)."""
@@ -254,6 +271,24 @@ class ExperimentConfig(_Strict):
     @classmethod
     def _short_model(cls, value: Any) -> Any:
         return _model_from_name(value)
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: str) -> str:
+        if not _FOLDER_NAME.fullmatch(name) or name in (".", ".."):
+            raise ValueError(
+                f"'{name}' names the output folder runs/<name>: use up to 100 letters, digits, '-', '_' or '.' "
+                "(not '.' or '..')"
+            )
+        return name
+
+    @field_validator("seed", "seeds", mode="before")
+    @classmethod
+    def _non_negative_seeds(cls, value: Any) -> Any:
+        seeds = value if isinstance(value, list) else [value]
+        if any(isinstance(s, int) and s < 0 for s in seeds):
+            raise ValueError("seeds must be 0 or more (numpy's random generator rejects negative seeds)")
+        return value
 
     @field_validator("models", mode="before")
     @classmethod
@@ -281,11 +316,18 @@ class ExperimentConfig(_Strict):
     @field_validator("runs")
     @classmethod
     def _run_names_are_folder_names(cls, runs: dict[str, RunConfig]) -> dict[str, RunConfig]:
-        import re
-
+        taken = (*OUTPUT_FILES, "cache", "mlruns")
         for name in runs:
-            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
-                raise ValueError(f"run name '{name}' must be letters, digits, '-', '_' or '.' (it names a folder)")
+            if not _FOLDER_NAME.fullmatch(name) or name.startswith("."):
+                raise ValueError(
+                    f"run name '{name}' must be up to 100 letters, digits, '-', '_' or '.', not starting with '.' "
+                    "(it names a folder)"
+                )
+            if name.lower() in taken:
+                raise ValueError(
+                    f"run name '{name}' is taken: taskfit writes a file or folder of that name in the output "
+                    "folder. Rename the run"
+                )
         return runs
 
 
@@ -321,31 +363,132 @@ def load_experiment(path: str | Path) -> Experiment:
     try:
         config = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise TaskfitError(_explain(exc, path, lines)) from None
+        raise TaskfitError(_explain(exc, path, lines, raw)) from None
     return Experiment(config=config, path=path.resolve())
 
 
-def _explain(exc: ValidationError, path: Path, lines: dict[tuple, int]) -> str:
+def dump_config(config: ExperimentConfig) -> str:
+    """The config as YAML with every default filled in, which `load_experiment` reads back to
+    an equal config (data paths stay relative to the experiment file's folder)."""
+    data = config.model_dump()  # plain Python values; mode="json" would write `.inf` as null
+    for run in data["runs"].values():
+        if run["prompt"] is not None and run["prompt"]["templates"] is None:
+            del run["prompt"]["combine"]  # the schema rejects `combine` next to a single `template`
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def _explain(exc: ValidationError, path: Path, lines: dict[tuple, int], raw: Any) -> str:
     """Turn pydantic's errors into one message per problem, with YAML line numbers."""
     messages = []
-    for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
-        where = ".".join(str(p) for p in loc) or "(top level)"
+    for loc, errors in _problems(exc.errors(), raw).items():
         line = _nearest_line(loc, lines)
         at = f"{path}, line {line}" if line else str(path)
-        if err["type"] == "extra_forbidden":
-            options = _fields_at(loc[:-1])
-            hint = did_you_mean(str(loc[-1]), options) if options else ""
-            valid = f" Valid keys here: {', '.join(sorted(options))}." if options else ""
-            messages.append(f"{at}: unknown key `{where}`.{hint}{valid}")
-        elif err["type"] == "missing":
-            messages.append(f"{at}: `{where}` is required but missing.")
-        else:
-            got = err.get("input")
-            shown = f" (got {got!r})" if got is not None and not isinstance(got, dict | list) else ""
-            field = f"`{where}`: " if loc else ""
-            messages.append(f"{at}: {field}{err['msg'].removeprefix('Value error, ')}{shown}.")
-    return "\n".join(messages)
+        messages += [f"{at}: {m}" for m in _describe(loc, errors)]
+    return "\n".join(dict.fromkeys(messages))
+
+
+def _problems(errors: list[dict], raw: Any) -> dict[tuple, list[dict]]:
+    """pydantic's errors grouped by the place in the file they concern. The tags pydantic adds to
+    a location for each member of a union (`str`, `list[int]`) name no key of the file: errors that
+    differ only in them are one problem, and a member that failed on an item inside the value
+    explains it better than the members that rejected the value whole."""
+    found: dict[tuple, list[dict]] = {}
+    tagged = set()
+    for err in errors:
+        loc, node = [], raw
+        for i, part in enumerate(err["loc"]):
+            if isinstance(node, dict) and part in node:
+                part = next(k for k in node if k == part)  # the file's key (pydantic writes `true` as 1)
+                loc, node = loc + [part], node[part]
+            elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+                loc, node = loc + [part], node[part]
+            elif err["type"] == "missing" and i == len(err["loc"]) - 1:
+                loc.append(part)
+            elif part != "[key]" and not str(part).startswith("function-"):
+                tagged.add(tuple(loc))
+        key = ("[key]",) if err["loc"][-1:] == ("[key]",) else ()  # a bad key and its value are two problems
+        found.setdefault(tuple(loc) + key, []).append(err)
+    deeper = {loc[:n] for loc in found if loc[-1:] != ("[key]",) for n in range(len(loc))}
+    return {loc: errs for loc, errs in found.items() if not (loc in tagged and loc in deeper)}
+
+
+_EXPECTED = {
+    "string_type": "text",
+    "int_type": "a whole number",
+    "int_parsing": "a whole number",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+}
+
+
+def _describe(loc: tuple, errors: list[dict]) -> list[str]:
+    """One plain sentence per problem at `loc` (several only when pydantic found unrelated ones)."""
+    where = _dotted(loc)
+    first = errors[0]
+    if first["type"] == "extra_forbidden":
+        options = _fields_at(loc[:-1])
+        hint = did_you_mean(str(loc[-1]), options) if options else ""
+        valid = f" Valid keys here: {', '.join(sorted(options))}." if options else ""
+        return [f"unknown key `{where}`.{hint}{valid}"]
+    if first["type"] == "missing":
+        return [f"`{where}` is required but missing."]
+    if loc[-1:] == ("[key]",):
+        return [f"`{_dotted(loc[:-2])}`: the key {_shown(loc[-2])} must be text.{_quote(loc[-2])}"]
+    expected = list(dict.fromkeys(_expected(e) for e in errors))
+    if all(expected):
+        value, hint = first["input"], ""
+        if first["type"] == "literal_error" and isinstance(value, str):
+            hint = did_you_mean(value, re.findall(r"'([^']*)'", first["ctx"]["expected"]))
+        quote = _quote(value, "text" in expected)
+        return [f"`{where}`: expected {' or '.join(expected)}, got {_shown(value)}.{hint}{quote}"]
+    field = f"`{where}`: " if loc else ""
+    messages = []
+    for err in errors:
+        if err["type"] == "too_short":
+            n = err["ctx"]["min_length"]
+            messages.append(
+                f"{field}needs at least {n} {'entry' if n == 1 else 'entries'}; it has {len(err['input'])}."
+            )
+            continue
+        got, message = err.get("input"), err["msg"].removeprefix("Value error, ")
+        shown = "" if got is None or isinstance(got, dict | list) or repr(got) in message else f" (got {got!r})"
+        messages.append(f"{field}{message}{shown}.")
+    return messages
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(_shown(p) if isinstance(p, bool) else str(p) for p in loc)
+
+
+def _expected(err: dict) -> str:
+    """What a type or choice error wanted, in words ('' for other errors)."""
+    if err["type"] == "literal_error":
+        return err["ctx"]["expected"]
+    return _EXPECTED.get(err["type"], "")
+
+
+def _shown(value: Any) -> str:
+    """A value as it reads in YAML."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, dict | list):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    return repr(value)
+
+
+def _quote(value: Any, text_expected: bool = True) -> str:
+    """Where YAML read an unquoted word or number as a boolean or number, say how to keep it text."""
+    if not text_expected or not isinstance(value, bool | int | float):
+        return ""
+    if isinstance(value, bool):
+        return ' YAML reads an unquoted yes, no, true, false, on or off as a boolean: quote it, e.g. "yes".'
+    return f' YAML reads an unquoted number as a number: quote it, e.g. "{value}".'
 
 
 def _fields_at(loc: tuple) -> list[str]:

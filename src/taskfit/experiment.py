@@ -15,10 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from taskfit.cell import Cell, check_cell, run_cell
-from taskfit.config import Experiment, ModelConfig, RunConfig, load_experiment
+from taskfit.config import Experiment, ModelConfig, RunConfig, dump_config, load_experiment
 from taskfit.errors import TaskfitError, did_you_mean
 from taskfit.evaluation.aggregate import aggregate_seeds, spread
 from taskfit.finetune_cell import check_finetune_cell, run_finetune_cell
@@ -177,7 +175,7 @@ def run(
         if k + 1 < len(models):
             gc.collect()  # its reference cycles freed before the next one loads (with the collector paused)
     results = _results(p.cells, per_cell)
-    atomic_write(out_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    atomic_write(out_dir / "config.yaml", dump_config(cfg))
     keep = {c.label for c in grid(cfg.model_list, cfg.runs, cfg.seed_list)} | set(cfg.runs) | set(results)
     merged = {k: v for k, v in merge_results(out_dir / "results.json", results).items() if k in keep}
     atomic_write(out_dir / "results.json", json.dumps(merged, indent=2))

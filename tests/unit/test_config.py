@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
 from taskfit import TaskfitError, load_experiment
-from taskfit.config import DEFAULT_MODEL
+from taskfit.config import DEFAULT_MODEL, dump_config
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 
 
 def error_of(path) -> str:
@@ -270,3 +273,149 @@ def test_prompt_option_conflicts(write_yaml, extra, expected):
         1,
     )
     assert expected in error_of(write_yaml(text))
+
+
+def with_prompt_option(extra: str) -> str:
+    return BASE.replace("      shots: 0\n", "      shots: 0\n" + extra, 1)
+
+
+@pytest.mark.parametrize("seed", ["seed: -1", "seeds: [0, -1]"])
+def test_negative_seed_is_an_error(write_yaml, seed):
+    message = error_of(write_yaml(BASE.replace("name: exp", f"name: exp\n{seed}")))
+    assert "line 2" in message
+    assert "0 or more" in message
+
+
+@pytest.mark.parametrize("name", [".", "..", "x" * 101])
+def test_experiment_name_that_is_no_folder_of_its_own(write_yaml, name):
+    message = error_of(write_yaml(BASE.replace("name: exp", f"name: '{name}'")))
+    assert "`name`" in message and "line 1" in message
+    assert "up to 100 letters" in message
+
+
+@pytest.mark.parametrize("name", ["x" * 100, "a.b-c_D9", ".hidden"])
+def test_experiment_names_still_allowed(write_yaml, name):
+    assert load_experiment(write_yaml(BASE.replace("name: exp", f"name: '{name}'"))).config.name == name
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("x" * 101, "up to 100 letters"),
+        ("results.json", "is taken"),
+        ("config.yaml", "is taken"),
+        ("report_files", "is taken"),
+        ("cache", "is taken"),
+        ("Report.HTML", "is taken"),  # the same file on a case-insensitive file system
+    ],
+)
+def test_run_name_that_cannot_be_its_folder(write_yaml, name, expected):
+    message = error_of(write_yaml(BASE.replace("  zero:", f"  '{name}':")))
+    assert f"run name '{name}'" in message and expected in message
+    assert "line 10" in message
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "CPU", ""])
+def test_unknown_device_lists_the_valid_ones(write_yaml, device):
+    message = error_of(write_yaml(BASE.replace("  name: smollm2", f"  device: '{device}'\n  name: smollm2")))
+    assert "`model.device`" in message and "line 9" in message
+    assert "auto, cpu, cuda, cuda:N" in message and "mps" in message
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_known_devices_load(write_yaml, device):
+    cfg = load_experiment(write_yaml(BASE.replace("  name: smollm2", f"  device: '{device}'\n  name: smollm2"))).config
+    assert cfg.model.device == device
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("      calibrate: contextual\n      content_free: []\n", "needs at least one `content_free`"),
+        ("      stop: ['\\n', '']\n", "`stop` lists an empty string"),
+    ],
+)
+def test_settings_the_run_cannot_honour(write_yaml, extra, expected):
+    message = error_of(write_yaml(with_prompt_option(extra)))
+    assert expected in message and "line 12" in message  # the run's `prompt:` key
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "quoted"),
+    [
+        ("  label: answer", "`task.labels.0`", '"yes"'),
+        ("      answers: {positive: yes}", "`runs.zero.prompt.answers.positive`", '"yes"'),
+        ("      answers: {no: nope}", "`runs.zero.prompt.answers`: the key false", '"yes"'),
+        ("      answers: {positive: [good, 1]}", "`runs.zero.prompt.answers.positive.1`", '"1"'),
+    ],
+)
+def test_unquoted_yaml_booleans_and_numbers_say_to_quote(write_yaml, text, field, quoted):
+    cls = BASE.replace("type: multiple_choice", "type: classification").replace("  choices: choices\n", "")
+    if text.startswith("  label"):
+        cls = cls.replace("  label: answer", "  label: answer\n  labels: [yes, no]")
+    else:
+        cls = cls.replace("      shots: 0\n", f"      shots: 0\n{text}\n")
+    message = error_of(write_yaml(cls))
+    assert field in message
+    assert "quote it" in message and quoted in message
+    assert "Input should be" not in message
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("shots: 0", 'shots: "two"', "`runs.zero.prompt.shots`: expected a whole number or a list, got 'two'."),
+        ("runs:\n  zero:", "runs: {}\n  zero:", "`runs`: needs at least 1 entry; it has 0."),
+    ],
+)
+def test_pydantic_wording_becomes_one_plain_sentence(write_yaml, old, new, expected):
+    text = BASE.replace(old, new, 1)
+    if new.startswith("runs: {}"):
+        text = text.split("runs:")[0] + "runs: {}\n"
+    message = error_of(write_yaml(text))
+    assert message.splitlines() == [m for m in message.splitlines() if expected in m], message
+    assert len(message.splitlines()) == 1
+
+
+def test_choice_typo_suggests_the_valid_one(write_yaml):
+    message = error_of(write_yaml(BASE.replace("shots: 0", "shots: 1\n      demos: balance")))
+    assert "Did you mean 'balanced'?" in message
+
+
+def round_trip(path: Path, tmp_path: Path):
+    config = load_experiment(path).config
+    copy = tmp_path / "resolved.yaml"
+    copy.write_text(dump_config(config), encoding="utf-8")
+    return config, load_experiment(copy).config
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_dumped_example_config_loads_back_equal(path, tmp_path):
+    config, again = round_trip(path, tmp_path)
+    assert again == config
+
+
+def test_examples_are_found():
+    assert len(EXAMPLES) >= 5
+
+
+@pytest.mark.parametrize(
+    "runs",
+    [
+        # one template: the default `combine` must not come back as an error
+        '  one:\n    prompt:\n      template: "{{ question }} {{ answer }}"\n',
+        # several templates with a combine; answers; shots as a list; stop strings and separators
+        "  many:\n    prompt:\n      templates: ['{{ question }}: {{ answer }}', 'Q {{ question }}\\n{{ answer }}']\n"
+        "      combine: vote\n      shots: [0, 2]\n      separator: '\\t#: '\n      stop: ['\\n', 'yes', 'null']\n",
+        # text that YAML would read as booleans, numbers or null unless quoted
+        '  words:\n    prompt:\n      template: "{{ answer }}"\n'
+        "      content_free: ['yes', '1', '~', 'null', '', 'é 日本']\n",
+        # fine-tuning with `all` among the train sizes, a run's own model given by name, infinite margin
+        "  tune:\n    model: other-model\n    finetune: {method: full, train_sizes: [8, all], learning_rate: 1.0e-5}\n",
+        "  inf:\n    model: {name: m, recheck_margin: .inf}\n    prompt: {template: '{{ answer }}'}\n",
+    ],
+)
+def test_dumped_edge_case_configs_load_back_equal(write_yaml, tmp_path, runs):
+    text = BASE.split("runs:")[0].replace("name: exp", "name: exp\nseeds: [0, 3]") + "runs:\n" + runs
+    config, again = round_trip(write_yaml(text), tmp_path)
+    assert again == config

@@ -380,3 +380,13 @@ def test_the_api_takes_one_run_name_and_names_wrong_arguments(project, fake_lm, 
         args = {"path": project / "cls.yaml", **kwargs}
         with pytest.raises(TaskfitError, match=expected):
             taskfit.run(args.pop("path"), out=tmp_path / "x", lm=fake_lm(), **args)
+
+
+def test_the_resolved_config_a_run_writes_is_a_valid_experiment(project, fake_lm, tmp_path):
+    """<out>/config.yaml, with every default filled in, reads back as the same experiment (it
+    used to hold `combine` for a single template, which the schema refuses)."""
+    from taskfit.config import load_experiment
+
+    taskfit.run(project / "cls.yaml", out=tmp_path / "out", lm=fake_lm(), limit=2)
+    written = load_experiment(tmp_path / "out" / "config.yaml").config
+    assert written == load_experiment(project / "cls.yaml").config

@@ -566,3 +566,39 @@ def test_near_ties_that_pooling_makes_are_rechecked_in_float32_for_that_example_
     c2 = next(i for i, ex in enumerate(examples) if CLOSE in ex.fields["text"])
     assert plain[c2]["prediction"] == "positive" and rows[c2]["prediction"] == "negative"
     assert [r for i, r in enumerate(rows) if i != c2] == [r for i, r in enumerate(plain) if i != c2]
+
+
+@pytest.mark.parametrize(
+    "expression",
+    ["{{ 1/0 }}", "{{ question + 1 }}", "{{ '%d' % question }}", "{{ range(10**9)|length }}", "{% include 'x' %}"],
+)
+def test_template_that_fails_while_rendering_names_template_and_example(write_yaml, expression):
+    message = error_of(write_yaml, template=f'"{expression} {{{{ question }}}} {{{{ answer }}}}"')
+    assert "runs.r.prompt.template" in message
+    assert "rendering failed for example" in message and "mc_small.jsonl:1" in message
+
+
+def test_answer_format_that_fails_while_rendering_is_a_taskfit_error():
+    from taskfit.prompting.template import render_plain
+
+    with pytest.raises(TaskfitError, match="runs.r.prompt.answer_format: rendering failed: ZeroDivisionError"):
+        render_plain("{{ rationale }} {{ 1/0 }}", {"rationale": "r"}, "runs.r.prompt.answer_format")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, "field 'question' is null"), (["p", "q"], "field 'question' is a list")],
+)
+def test_template_field_that_is_null_or_a_list_is_an_error(project, write_yaml, mc_train, value, expected):
+    import json
+
+    rows = [mc_train[0], {**mc_train[1], "question": value}]
+    (project / "mc_small.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    message = error_of(write_yaml, template='"{{ question }} {{ answer }}"')
+    assert "mc_small.jsonl:2" in message
+    assert expected in message and "runs.r.prompt.template" in message
+
+
+def test_template_may_loop_over_a_list_field(write_yaml):
+    sp, task = build(write_yaml, template="\"{{ question }} ({{ choices|join(', ') }}) {{ answer }}\"")
+    assert sp.query(task.split("test")[0]).prompt.endswith("(sad, excited, proud) ")

@@ -270,3 +270,27 @@ def test_duplicate_ids_in_a_lazy_split_name_both_lines(tmp_path):
     (tmp_path / "e.yaml").write_text(cls_yaml(train=None, test="t.jsonl"), encoding="utf-8")
     message = task_error(tmp_path / "e.yaml")
     assert "duplicate id 'x' at t.jsonl:1 and t.jsonl:3" in message
+
+
+@pytest.mark.parametrize(("option", "shown"), [(None, "null"), (["p"], "a list"), ({"t": "p"}, "a dict")])
+def test_mc_option_that_is_not_text(project, write_yaml, option, shown):
+    write_jsonl(project / "t.jsonl", [{"id": "x", "question": "Q?", "choices": ["p", option], "answer": 0}])
+    message = task_error(write_yaml(mc_yaml()))
+    assert "t.jsonl:1" in message
+    assert f"option 1 in 'choices' is {shown}" in message
+
+
+def test_mc_option_field_that_is_null(project, write_yaml):
+    write_jsonl(project / "t.jsonl", [{"id": "x", "question": "Q?", "a": "one", "b": None, "answer": 0}])
+    message = task_error(write_yaml(mc_yaml().replace("choices: choices", "choices: [a, b]")))
+    assert "t.jsonl:1" in message and "option 1 in 'b' is null" in message
+
+
+@pytest.mark.parametrize(("choices", "twice"), [(["p", "p"], "p"), (["1", 1, "q"], "1")])
+def test_mc_duplicate_options_are_an_error(project, write_yaml, choices, twice):
+    rows = [{"id": "x", "question": "Q?", "choices": ["a", "b"], "answer": 0}]
+    rows.append({"id": "y", "question": "Q?", "choices": choices, "answer": 0})
+    write_jsonl(project / "t.jsonl", rows)
+    message = task_error(write_yaml(mc_yaml()))
+    assert "t.jsonl:2" in message
+    assert f"option '{twice}' appears twice" in message

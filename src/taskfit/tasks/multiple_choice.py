@@ -37,7 +37,27 @@ def _options(cfg: TaskConfig, row: dict[str, Any], source: str) -> tuple[str, ..
             f"{source}: field '{cfg.choices}' must be a list of at least two options, got {values!r}. "
             "In CSV files, write the list as JSON or name one field per option in `task.choices`."
         )
-    return tuple(str(v) for v in values)
+    for i, value in enumerate(values):
+        if value is None or isinstance(value, list | dict):
+            shown = "null" if value is None else f"a {type(value).__name__}"
+            raise TaskfitError(
+                f"{source}: option {i} in '{_named(cfg, i)}' is {shown}; each option must be a text. Fix the row."
+            )
+    options = tuple(str(v) for v in values)
+    if len(set(options)) != len(options):
+        twice = next(o for o in options if options.count(o) > 1)
+        raise TaskfitError(
+            f"{source}: option '{twice}' appears twice in '{_named(cfg, None)}', so a prediction of it could never "
+            "be told right from wrong. Make the options distinct."
+        )
+    return options
+
+
+def _named(cfg: TaskConfig, index: int | None) -> str:
+    """The field holding option `index` (`task.choices` names one field, or one per option)."""
+    if isinstance(cfg.choices, list):
+        return cfg.choices[index] if index is not None else "', '".join(cfg.choices)
+    return cfg.choices
 
 
 def _gold_index(value: Any, options: tuple[str, ...], source: str, field: str) -> int:
