@@ -9,6 +9,7 @@ import torch
 
 from helpers.tiny import build_tiny_model
 from taskfit.config import ModelConfig
+from taskfit.errors import TaskfitError
 from taskfit.models import generation, slots
 from taskfit.models.base import GenerationRequest
 from taskfit.models.decoding import Detokenizer, draw, filter_logits, find_stop, nucleus, sample_seed
@@ -416,8 +417,8 @@ def test_long_prompt_is_cut_from_the_left(tmp_path):
     assert lm.truncated == 1 and len(texts) == 1
     ids = lm.tokenizer(long_ctx, add_special_tokens=False).input_ids
     assert lm.generator.encode(long_ctx, 8) == ids[-24:]
-    with pytest.raises(ValueError):
-        lm.generate([GenerationRequest("x", max_new_tokens=32)])
+    with pytest.raises(TaskfitError, match="prompt.max_new_tokens: 32 new tokens leave no room for the prompt"):
+        lm.generate([GenerationRequest("x", max_new_tokens=32)])  # a user error, named, not a traceback
 
 
 def test_incremental_text_equals_whole_decode(lm):
@@ -485,11 +486,3 @@ def test_attention_arguments_the_rows_leave_out_fall_back(tmp_path, monkeypatch)
     for req, (gen,) in zip(reqs, other.generator.run_all(reqs)):
         assert gen.tokens == reference_greedy(other, req.context, 8)
     assert not other.generator.slots and other.truncated == 0
-
-
-def test_max_new_tokens_that_fill_the_context_are_a_user_error(tmp_path):
-    from taskfit.errors import TaskfitError
-
-    lm = HFLM.load(ModelConfig(name=str(build_tiny_model(tmp_path / "m", max_positions=32)), dtype="float32"))
-    with pytest.raises(TaskfitError, match="prompt.max_new_tokens: 40 new tokens leave no room for the prompt"):
-        lm.generate([GenerationRequest("Question: why?", max_new_tokens=40)])
