@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import base64
+import errno
 import json
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 import taskfit
-from taskfit.report import write_report
+from taskfit.cli import app
+from taskfit.compare import fingerprints
+from taskfit.errors import TaskfitError
+from taskfit.report import output, write_report
 from taskfit.report.analysis import (
     confusion_matrix,
+    learning_series,
     natural_key,
     per_class,
     prediction_confidence,
     truncate_prompt,
     wrong_predictions,
 )
+from taskfit.report.blocks import Figure, Section, Subheading, Table
+from taskfit.report.costs import memory_note
+from taskfit.report.data import LabelGroup
+from taskfit.report.markdown import render_markdown
+from taskfit.report.sections import _label_folder
+from taskfit.rundir import CellResult, load_cells
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -146,10 +160,11 @@ def test_stored_comparison_no_results_json_and_a_finetuning_cell(cls_dir: Path):
          "difference": 0.8, "ci95": [0.5, 1.0], "p_value": 0.0004, "test": "mcnemar_exact", "p_adjusted": 0.0008,
          "mdd": 0.7},
     ]  # fmt: skip
-    (cls_dir / "comparison.json").write_text(json.dumps({"comparisons": rows}), encoding="utf-8")
     results = json.loads((cls_dir / "results.json").read_text(encoding="utf-8"))
     (cls_dir / "results.json").unlink()
     _add_finetuning_cell(cls_dir)
+    stored = {"comparisons": rows, "cells": fingerprints(load_cells([cls_dir]))}  # computed from these cells
+    (cls_dir / "comparison.json").write_text(json.dumps(stored), encoding="utf-8")
     html = write_report(cls_dir).read_text(encoding="utf-8")
     table = _table(html, "comparisons")
     assert table.count("<tr") == 3  # header + the two stored rows
@@ -193,3 +208,168 @@ def test_helpers():
     stats = per_class(matrix)
     assert stats[1] == {"precision": 1 / 3, "recall": 1.0, "f1": 0.5, "support": 1}
     assert stats[2] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+
+
+def _report_state(folder: Path) -> tuple[bytes, bytes, dict[str, bytes]]:
+    files = folder / "report_files"
+    plots = {p.name: p.read_bytes() for p in files.iterdir()} if files.is_dir() else {}
+    return (folder / "report.html").read_bytes(), (folder / "report.md").read_bytes(), plots
+
+
+def _new_numbers(folder: Path) -> None:
+    """Change results.json, so that a report written now differs from the one on disk."""
+    path = folder / "results.json"
+    results = json.loads(path.read_text(encoding="utf-8"))
+    results["zero"]["accuracy"] = 0.123
+    path.write_text(json.dumps(results), encoding="utf-8")
+
+
+def test_a_file_where_the_plot_folder_goes_changes_nothing(cls_dir: Path):
+    """The refused report writes nothing: report.html is not replaced while report.md stays old."""
+    write_report(cls_dir)
+    (cls_dir / "report_files").rename(cls_dir / "plots-kept")
+    (cls_dir / "report_files").write_bytes(b"mine")
+    before = _report_state(cls_dir)
+    _new_numbers(cls_dir)
+    result = CliRunner().invoke(app, ["report", str(cls_dir)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{cls_dir / 'report_files'}: a file where the report's plot folder goes" in " ".join(result.output.split())
+    assert _report_state(cls_dir) == before and (cls_dir / "report_files").read_bytes() == b"mine"
+    assert not list(cls_dir.glob(".report-*"))
+
+
+def test_a_failed_swap_puts_the_old_report_back(cls_dir: Path, monkeypatch):
+    """report_files and report.md are already swapped when report.html fails: both go back."""
+    write_report(cls_dir)
+    (cls_dir / "report_files" / "notes.txt").write_text("my notes", encoding="utf-8")
+    (cls_dir / "report_files" / "stale.png").write_bytes(PNG_MAGIC)
+    before = _report_state(cls_dir)
+    _new_numbers(cls_dir)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == cls_dir / "report.html" and Path(src).parent.name != "old":  # the new one, not the undo
+            raise OSError(errno.EACCES, "Permission denied", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(output.os, "replace", replace)
+    with pytest.raises(TaskfitError, match=re.escape(f"{cls_dir / 'report.html'}: could not write the report")):
+        write_report(cls_dir)
+    assert _report_state(cls_dir) == before and not list(cls_dir.glob(".report-*"))
+    monkeypatch.setattr(output.os, "replace", real_replace)
+    assert "0.123" in write_report(cls_dir).read_text(encoding="utf-8")
+    plots = {p.name for p in (cls_dir / "report_files").iterdir()}
+    assert plots == {f"{name}.png" for name in CLS_PLOTS} | {"notes.txt"}  # stale plot gone, the user's file kept
+    assert (cls_dir / "report_files" / "notes.txt").read_text(encoding="utf-8") == "my notes"
+
+
+@pytest.mark.parametrize("where", ["staging folder", "plot file"])
+def test_write_errors_name_the_folder_and_change_nothing(cls_dir: Path, monkeypatch, where: str):
+    write_report(cls_dir)
+    before = _report_state(cls_dir)
+    _new_numbers(cls_dir)
+
+    def fail(*args, **kwargs):
+        raise OSError(errno.EACCES if where == "staging folder" else errno.ENOSPC, "cannot write", "somewhere")
+
+    if where == "staging folder":  # a read-only experiment folder
+        monkeypatch.setattr(output.tempfile, "mkdtemp", fail)
+    else:  # the disk fills up halfway through
+        monkeypatch.setattr(Path, "write_bytes", fail)
+    with pytest.raises(TaskfitError, match=re.escape(f"{cls_dir}: could not write the report")):
+        write_report(cls_dir)
+    monkeypatch.undo()
+    assert _report_state(cls_dir) == before and not list(cls_dir.glob(".report-*"))
+
+
+TEMPLATES_SHOTS = """\
+name: ens
+task:
+  type: classification
+  data: {train: cls_train.csv, test: cls_small.csv}
+runs:
+  ens:
+    prompt:
+      templates: ["Review: {{ text }}\\nSentiment: {{ answer }}", "Text: {{ text }}\\nLabel: {{ answer }}"]
+      combine: each
+      shots: [0, 2]
+"""
+
+
+def test_learning_curve_keeps_templates_and_demo_sets_apart(write_yaml, fake_lm, project):
+    out = _experiment(write_yaml, fake_lm, project, TEMPLATES_SHOTS)
+    table = _table(write_report(out).read_text(encoding="utf-8"), "learning-curve")
+    assert table.count("<td>ens[k0-t0], ens[k2-t0]</td>") == 2 and table.count("<td>ens[k0-t1], ens[k2-t1]</td>") == 2
+    groups = [_group(f"r[k{k}-d{d}]", shots=k, demo_set=d) for d in (0, 1) for k in (1, 4)]
+    assert [s.name for s in learning_series(groups, "accuracy")] == ["r[k1-d0], r[k4-d0]", "r[k1-d1], r[k4-d1]"]
+    one_x = [_group(f"r[t{t}]", shots=0, template=t) for t in (0, 1)]
+    assert learning_series(one_x, "accuracy") == []  # no vertical segment at x=0
+
+
+def _group(label: str, shots: int, template: int | None = None, demo_set: int | None = None) -> LabelGroup:
+    manifest = {"run": "r", "label": label, "model": {"name": "m"}, "template": template, "demo_set": demo_set}
+    manifest["config"] = {"prompt": {"shots": shots, "templates": ["a", "b"], "combine": "each"}}
+    return LabelGroup(label, {"accuracy": 0.5}, [CellResult(Path(label), manifest, [])])
+
+
+MARKUP_CLASSES = ["<b>pos|itive</b>", "neu*tral*", "neg_[1](x)"]
+MARKUP_YAML = """\
+name: markup
+task:
+  type: classification
+  data: {train: markup_train.csv, test: markup_test.csv}
+runs:
+  zero_shot:
+    prompt:
+      template: "Review: {{ text }}\\nSentiment: {{ answer }}"
+"""
+
+
+def test_markdown_escapes_user_text(write_yaml, fake_lm, project):
+    """Class names with Markdown and HTML in them: plain text in report.md, and tables keep their columns."""
+    for split in ("train", "test"):
+        rows = ["id,text,label"] + [f"{split}{i},Review {split} {i}.,{MARKUP_CLASSES[i % 3]}" for i in range(6)]
+        (project / f"markup_{split}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    out = _experiment(write_yaml, fake_lm, project, MARKUP_YAML)
+    write_report(out)
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "<b>" not in md and "neu*tral*" not in md and "[1](x)" not in md
+    assert "\\<b\\>pos\\|itive\\</b\\>" in md and "neu\\*tral\\*" in md and "neg\\_\\[1\\](x)" in md
+    for line in md.splitlines():
+        if line.startswith("| ") and ("pos" in line or "neu" in line or "neg" in line):
+            assert len(re.split(r"(?<!\\)\|", line)) == 7, line  # 5 cells of the per-class table
+    table = Table(["run", "accuracy"], [["a`b`c", "0.650 [0.517, 0.767]"]], numeric=[False, True])
+    section = Section("s", "S", [Subheading("<i>x</i>"), table, Figure("f", "[t](u)", b"", "*c*")])
+    md = render_markdown("_t_ v_1", [section])
+    assert "| a\\`b\\`c | 0.650 [0.517, 0.767] |" in md  # the report's numbers stay as they are
+    assert "### \\<i\\>x\\</i\\>" in md and "![\\[t\\](u)](report_files/f.png)" in md and "# \\_t\\_ v_1" in md
+
+
+def test_missing_run_folder_is_named(cls_dir: Path):
+    shutil.rmtree(cls_dir / "two-shot")
+    html = write_report(cls_dir).read_text(encoding="utf-8")
+    note = f"results.json lists two-shot, but its folder {cls_dir / 'two-shot'} is missing."
+    overview = html[html.index('<section id="overview">') : html.index("</section>")]
+    comparisons = html[html.index('<section id="comparisons">') :]
+    assert note in overview and note in comparisons[: comparisons.index("</section>")]
+    assert "results.json lists two\\-shot" not in (md := (cls_dir / "report.md").read_text(encoding="utf-8"))
+    assert "results.json lists two-shot, but its folder" in md and "is missing." in md
+    assert _label_folder(cls_dir, "ens[k0-t1]@tiny") == cls_dir / "ens" / "k0-t1" / "tiny"
+
+
+def test_memory_text_follows_the_manifests_scope(cls_dir: Path):
+    manifests = sorted(cls_dir.rglob("manifest.json"))
+    for scope in ("cell", None):
+        for path in manifests:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            manifest["peak_memory_mb"].pop("cpu_rss_scope", None)
+            if scope:
+                manifest["peak_memory_mb"]["cpu_rss_scope"] = scope
+            path.write_text(json.dumps(manifest), encoding="utf-8")
+        html = write_report(cls_dir).read_text(encoding="utf-8")
+        cost = html[html.index('<section id="cost">') :]
+        cost = cost[: cost.index("</section>")]
+        assert ("measured within each cell" in cost) == (scope == "cell")
+        assert ("peak includes earlier ones" in cost) == (scope is None)
+    mixed = memory_note([{"peak_memory_mb": {"cpu_rss_scope": "cell"}}, {"peak_memory_mb": {"cpu_rss": 1.0}}])
+    assert "For 1 of 2 cells it is measured within the cell" in mixed and "includes earlier ones" in mixed

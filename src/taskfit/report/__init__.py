@@ -7,12 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from taskfit.errors import TaskfitError
-from taskfit.store import atomic_write
 
 
 def write_report(experiment_dir: Path) -> Path:
     """Write `report.html`, `report.md` and `report_files/*.png` into an experiment folder
-    written by `taskfit run`; return the path of report.html."""
+    written by `taskfit run`, all three or none; return the path of report.html."""
     try:
         import matplotlib  # noqa: F401  (plots use its Agg canvas directly; no backend switch)
     except ImportError as exc:
@@ -20,16 +19,15 @@ def write_report(experiment_dir: Path) -> Path:
     from taskfit.report.data import gather
     from taskfit.report.html import render_html
     from taskfit.report.markdown import render_markdown
+    from taskfit.report.output import HTML, write_report_files
     from taskfit.report.sections import build_sections
 
     folder = Path(experiment_dir)
     data = gather(folder)
     sections = build_sections(data)
     title = f"taskfit report: {data.name}"
-    html_path = folder / "report.html"
-    atomic_write(html_path, render_html(title, sections))
-    atomic_write(folder / "report.md", render_markdown(title, sections, folder))
-    return html_path
+    write_report_files(folder, render_html(title, sections), render_markdown(title, sections), sections)
+    return folder / HTML
 
 
 __all__ = ["write_report"]

@@ -159,13 +159,17 @@ def curve_x(manifest: dict[str, Any]) -> tuple[str, float] | None:
 
 
 def _series_key(manifest: dict[str, Any], kind: str) -> str:
+    """What a cell's curve is made of: everything but its x. A run's variants (`combine: each`
+    templates, `demo_sets` draws) share the run's settings, so the manifest's `template` and
+    `demo_set` keep each on a curve of its own."""
     model = manifest.get("model") or {}
     if kind == "train_size":
         settings = {k: v for k, v in (manifest.get("finetune") or {}).items() if k != "train_size"}
     else:
         prompt = (manifest.get("config") or {}).get("prompt") or {}
         settings = {k: v for k, v in prompt.items() if k not in ("shots", "demos")}
-    return json.dumps([kind, model.get("name"), model.get("dtype"), settings], sort_keys=True, default=str)
+    variant = [manifest.get("template"), manifest.get("demo_set")]
+    return json.dumps([kind, model.get("name"), model.get("dtype"), settings, variant], sort_keys=True, default=str)
 
 
 def learning_series(groups: list[LabelGroup], metric: str) -> list[Series]:

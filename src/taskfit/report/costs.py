@@ -9,12 +9,33 @@ from taskfit.report.blocks import Figure, Section, Table, Text
 from taskfit.report.data import ReportData
 from taskfit.report.formatting import DASH, num
 
-CAVEAT = (
-    "Each dot is one cell (run × seed). Peak memory is the peak resident memory of the process "
-    "when the cell finished (or GPU memory allocated, when every cell used a GPU): cells run one "
-    "after another in one process, so a later cell's peak includes earlier ones. A cell answered "
-    "from the score cache (few requests computed) took less time than it would cost afresh."
+DOTS = "Each dot is one cell (run × seed)."
+CACHE = "A cell answered from the score cache (few requests computed) took less time than it would cost afresh."
+MEMORY = "Peak memory is the peak resident memory of the process (or GPU memory allocated, when every cell used a GPU)"
+RESTARTS = (
+    "the peak restarts when a cell starts, so it counts what stays loaded (such as the model) "
+    "but not the peaks of earlier cells"
 )
+ACCUMULATES = "cells run one after another in one process, so a later cell's peak includes earlier ones"
+
+
+def memory_note(manifests: list[dict]) -> str:
+    """What the peak memory numbers mean, as the manifests' `cpu_rss_scope` says: `cell` (the peak
+    within the cell alone) or `process` (the process's peak so far; also manifests without the key)."""
+    scopes = [(m.get("peak_memory_mb") or {}).get("cpu_rss_scope") for m in manifests]
+    per_cell = sum(s == "cell" for s in scopes)
+    if per_cell == len(scopes):
+        return f"{MEMORY}, measured within each cell: {RESTARTS}."
+    if per_cell == 0:
+        return f"{MEMORY} when the cell finished: {ACCUMULATES}."
+    return (
+        f"{MEMORY}. For {per_cell} of {len(scopes)} cells it is measured within the cell: {RESTARTS}. "
+        f"For the others it is the peak when the cell finished: {ACCUMULATES}."
+    )
+
+
+def caveat(manifests: list[dict]) -> str:
+    return f"{DOTS} {memory_note(manifests)} {CACHE}"
 
 
 def _numbers(points: list[dict], key: str) -> list[float] | None:
@@ -70,7 +91,7 @@ def cost_section(data: ReportData, metric: str) -> Section | None:
     points = analysis.cost_points(data.groups, metric)
     if not points:
         return None
-    blocks: list = [Text(CAVEAT)]
+    blocks: list = [Text(caveat([c.manifest for c in data.cells]))]
     panels = cost_panels(points)
     if panels:
         order = [g.label for g in data.groups]

@@ -3,8 +3,10 @@ experiment has no data for it (a single cell, no scores, no seeds to compare, ..
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 
 from taskfit.report import analysis, plots
 from taskfit.report.blocks import Example, Facts, Figure, Section, Subheading, Table, Text
@@ -66,7 +68,37 @@ def header_section(data: ReportData, metric: str) -> Section:
     for package in ("taskfit", "torch", "transformers"):
         facts.append((package, _unique(v.get(package) for v in versions)))
     facts.append(("git commit", _unique(m.get("git_commit") for m in manifests)))
-    return Section("overview", "Overview", [Facts(facts)])
+    missing = missing_note(data)
+    return Section("overview", "Overview", [Facts(facts)] + ([Text(missing)] if missing else []))
+
+
+LABEL = re.compile(r"([A-Za-z0-9_.-]+)(?:\[([^\]]+)\])?(?:@(.+))?")
+"""A results.json label: run, [variant tag], @model slug: the parts of its folder's path."""
+
+
+def missing_note(data: ReportData) -> str:
+    """Which runs results.json lists but no finished cell is left for (a folder deleted or
+    moved): their rows come from results.json alone, and they are absent from everything else."""
+    notes = []
+    for group in data.groups:
+        if group.cells or group.result.get("variants"):  # a spread row has no cells of its own
+            continue
+        path = _label_folder(data.folder, group.label)
+        state = "holds no finished cell" if path.is_dir() else "is missing"
+        notes.append(f"results.json lists {group.label}, but its folder {path} {state}.")
+    if not notes:
+        return ""
+    its, it = ("Its", "it has") if len(notes) == 1 else ("Their", "they have")
+    return " ".join(notes) + (
+        f" {its} numbers in the results table are those results.json kept; {it} no plots, per-class numbers "
+        "or comparisons. Restore the folder, or run `taskfit run` again to write it."
+    )
+
+
+def _label_folder(folder: Path, label: str) -> Path:
+    match = LABEL.fullmatch(label)
+    parts = [p for p in match.groups() if p] if match else [label]
+    return folder.joinpath(*parts)
 
 
 def results_section(data: ReportData, metric: str) -> Section:
@@ -123,14 +155,16 @@ COMPARISON_INTRO = (
 
 def comparison_section(data: ReportData, metric: str) -> Section | None:
     title = "Pairwise comparisons"
+    missing = [Text(note)] if (note := missing_note(data)) else []
     if not data.comparisons:
-        return Section("comparisons", title, [Text(data.comparison_note)]) if len(data.groups) > 1 else None
+        blocks = [Text(data.comparison_note), *missing]
+        return Section("comparisons", title, blocks) if len(data.groups) > 1 else None
     rows = [_comparison_row(c) for c in data.comparisons]
     flags = [_verdict(c)[1] for c in data.comparisons]
     numeric = [False, False, False, True] + [True] * 8 + [False]
     table = Table(COMPARISON_COLUMNS, rows, "comparisons", flags, numeric)
     intro = COMPARISON_INTRO.format(tests=_unique(c.get("test") for c in data.comparisons))
-    return Section("comparisons", title, [Text(intro), table])
+    return Section("comparisons", title, [Text(intro), table, *missing])
 
 
 def _comparison_row(c: dict) -> list[str]:
