@@ -19,7 +19,7 @@ from taskfit.cell import Cell, check_cell, run_cell
 from taskfit.config import Experiment, ModelConfig, RunConfig, dump_config, load_experiment
 from taskfit.errors import TaskfitError, did_you_mean
 from taskfit.evaluation.aggregate import aggregate_seeds, spread
-from taskfit.finetune_cell import check_finetune_cell, run_finetune_cell
+from taskfit.finetune_cell import check_finetune_cell, check_finetune_template, run_finetune_cell
 from taskfit.models import frozen_load
 from taskfit.models.base import LM
 from taskfit.models.cached import CachedLM
@@ -69,6 +69,9 @@ def plan(path: str | Path, only: list[str] | None = None, limit: int | None = No
         require_mlflow()
     seeds = [seed] if seed is not None else cfg.seed_list
     p = Plan(experiment, load_task(experiment), runs, grid(cfg.model_list, runs, seeds), limit)
+    for name, run_cfg in runs.items():
+        if run_cfg.finetune:
+            check_finetune_template(name, run_cfg.finetune, p.task)
     for cell in p.cells:  # render every prompt once: template and data errors surface now
         if runs[cell.run].finetune:
             check_finetune_cell(cell, runs[cell.run].finetune, p.task)

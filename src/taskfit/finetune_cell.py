@@ -4,6 +4,7 @@ same test split as the prompt runs, and write the same files plus the cost of tr
 from __future__ import annotations
 
 import importlib.util
+import logging
 import random
 import time
 from collections.abc import Sequence
@@ -18,6 +19,8 @@ from taskfit.errors import TaskfitError
 from taskfit.manifest import reset_peak_memory
 from taskfit.store import is_main_process
 from taskfit.tasks import Task
+
+log = logging.getLogger(__name__)
 
 
 def check_finetune_cell(cell: Cell, config: FinetuneConfig, task: Task) -> None:
@@ -40,6 +43,29 @@ def check_finetune_cell(cell: Cell, config: FinetuneConfig, task: Task) -> None:
         missing = next((ex for ex in train if field not in ex.fields), None)
         if missing is not None:
             raise TaskfitError(f"{missing.source}: no field '{field}' (named in `task.input`).")
+
+
+TEMPLATE_CHECKS = 5
+"""Train examples a fine-tuning template is rendered with at validation (its fields, its answer slot)."""
+
+
+def check_finetune_template(run: str, config: FinetuneConfig, task: Task) -> None:
+    """Once per run: a fine-tuning template prompts decoder LMs on multiple choice and generation;
+    there its syntax and fields are checked now, not when training starts; elsewhere it is unused,
+    so say so."""
+    from taskfit.prompting.template import Template
+
+    if config.template is None:
+        return
+    where = f"runs.{run}.finetune.template"
+    template = Template(config.template, where)  # a syntax error is an error whatever the task
+    if task.type not in ("multiple_choice", "generation"):
+        log.warning(
+            "%s: not used: %s fine-tuning trains a head on the input text (remove the template)", where, task.type
+        )
+        return
+    for example in task.split("train")[:TEMPLATE_CHECKS]:
+        template.render(example)
 
 
 def _qlora_possible() -> bool:

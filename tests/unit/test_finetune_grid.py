@@ -87,3 +87,19 @@ def test_prompt_and_finetune_runs_share_the_test_split(project, fake_lm, recorde
 def test_finetune_config_errors(project, runs, message):
     with pytest.raises(TaskfitError, match=message):
         taskfit.experiment.plan(_experiment(project, runs))
+
+
+def test_a_finetuning_template_is_checked_at_validation_or_said_to_be_unused(project, caplog):
+    """Multiple choice (and generation) prompt a decoder LM with it: a misspelt field is named
+    before training; a classification head never reads it: a syntax error is still an error,
+    and a valid one is said to be unused."""
+    text = (project / "mc.yaml").read_text()
+    (project / "ft_mc.yaml").write_text(
+        text[: text.index("runs:")] + 'runs:\n  a:\n    finetune: {template: "{{ questoin }} {{ answer }}"}\n'
+    )
+    with pytest.raises(TaskfitError, match="questoin"):
+        taskfit.experiment.plan(project / "ft_mc.yaml")
+    with pytest.raises(TaskfitError, match=r"runs.a.finetune.template: template syntax error"):
+        taskfit.experiment.plan(_experiment(project, '  a:\n    finetune: {template: "{{ text  {{ answer }}"}\n'))
+    taskfit.experiment.plan(_experiment(project, '  a:\n    finetune: {template: "{{ text }} {{ answer }}"}\n'))
+    assert "runs.a.finetune.template: not used: classification fine-tuning" in caplog.text
