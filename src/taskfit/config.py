@@ -142,6 +142,14 @@ class PromptConfig(_Strict):
     stop: list[str] | None = None
     """Stop strings for generation (default: the separator for chain of thought, else a newline)."""
 
+    @field_validator("shots", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        counts = value if isinstance(value, list) else [value]
+        if any(isinstance(c, bool) for c in counts):  # YAML's true/false would count as 1/0 shots
+            raise ValueError("`shots` is a number of demonstrations, not true/false")
+        return value
+
     @field_validator("shots")
     @classmethod
     def _non_negative(cls, value: int | list[int]) -> int | list[int]:
@@ -166,6 +174,11 @@ class PromptConfig(_Strict):
             )
         if self.extract is not None:
             _check_regex(self.extract)
+        if self.demo_sets > 1 and not any(self.shots if isinstance(self.shots, list) else [self.shots]):
+            raise ValueError(
+                f"`demo_sets: {self.demo_sets}` draws sets of demonstrations, but `shots` is 0: the sets would be "
+                "identical and empty; set shots, or remove demo_sets"
+            )
         return self
 
     @property
@@ -210,11 +223,11 @@ class FinetuneConfig(_Strict):
     alpha: int | None = Field(None, ge=1)
     """LoRA scaling numerator (default 2r)."""
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | None = None
+    target_modules: list[str] | None = Field(None, min_length=1)
     """Modules LoRA adapts (default: chosen per architecture)."""
     early_stopping: int | None = Field(3, ge=1)
     """Stop after this many evaluations without improvement of the dev metric (null: never)."""
-    train_sizes: list[int | Literal["all"]] | None = None
+    train_sizes: list[int | Literal["all"]] | None = Field(None, min_length=1)
     """Train on nested seeded subsets of these sizes, one cell each: the learning curve."""
     template: str | None = None
     """Decoder LMs on multiple choice and generation: the prompt template (same syntax as prompting)."""
@@ -224,6 +237,15 @@ class FinetuneConfig(_Strict):
     """Decoder LMs (generation, multiple choice): train on each batch packed into one row without
     padding, every example attending only to itself (checked before training). Pays off with
     flash attention on a GPU; on a CPU, length-grouped batches already waste little padding."""
+
+    @field_validator("train_sizes")
+    @classmethod
+    def _distinct_sizes(cls, sizes: list[int | str] | None) -> list[int | str] | None:
+        if sizes is not None and len(set(sizes)) != len(sizes):
+            raise ValueError("lists a size twice: each size is one cell, which would train again")
+        if sizes is not None and any(isinstance(n, int) and n < 1 for n in sizes):
+            raise ValueError("sizes are numbers of training examples (1 or more) or `all`")
+        return sizes
 
 
 class RunConfig(_Strict):
@@ -303,6 +325,8 @@ class ExperimentConfig(_Strict):
             raise ValueError("give either `seed` (one) or `seeds` (a list), not both")
         if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
             raise ValueError("`seeds` lists a seed twice")
+        if self.models is not None and len({m.model_dump_json() for m in self.models}) != len(self.models):
+            raise ValueError("`models` lists one model twice (same name and settings): each would run again")
         return self
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -20,11 +21,14 @@ from taskfit.config import Experiment, ModelConfig, RunConfig, dump_config, load
 from taskfit.errors import TaskfitError, did_you_mean
 from taskfit.evaluation.aggregate import aggregate_seeds, spread
 from taskfit.finetune_cell import check_finetune_cell, check_finetune_template, run_finetune_cell
+from taskfit.ignored import ignored_settings
 from taskfit.models import frozen_load
 from taskfit.models.base import LM
 from taskfit.models.cached import CachedLM
 from taskfit.store import ScoreCache, atomic_write, check_out_dir, is_main_process, merge_results
 from taskfit.tasks import Task, load_task
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,6 +73,8 @@ def plan(path: str | Path, only: list[str] | None = None, limit: int | None = No
         require_mlflow()
     seeds = [seed] if seed is not None else cfg.seed_list
     p = Plan(experiment, load_task(experiment), runs, grid(cfg.model_list, runs, seeds), limit)
+    for note in ignored_settings(cfg, p.task.type):
+        log.warning("%s: %s", experiment.path.name, note)
     for name, run_cfg in runs.items():
         if run_cfg.finetune:
             check_finetune_template(name, run_cfg.finetune, p.task)

@@ -419,3 +419,65 @@ def test_dumped_edge_case_configs_load_back_equal(write_yaml, tmp_path, runs):
     text = BASE.split("runs:")[0].replace("name: exp", "name: exp\nseeds: [0, 3]") + "runs:\n" + runs
     config, again = round_trip(write_yaml(text), tmp_path)
     assert again == config
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("      shots: 0\n", "      shots: true\n", "not true/false"),
+        ("      shots: 0\n", "      shots: 0\n      demo_sets: 3\n", "the sets would be identical and empty"),
+    ],
+)
+def test_settings_that_would_mislead_are_refused(write_yaml, old, new, expected):
+    assert expected in error_of(write_yaml(BASE.replace(old, new, 1)))
+
+
+@pytest.mark.parametrize(
+    ("runs", "expected"),
+    [
+        ("  t:\n    finetune: {train_sizes: [all, all]}\n", "lists a size twice"),
+        ("  t:\n    finetune: {train_sizes: [0]}\n", "1 or more"),
+        ("  t:\n    finetune: {target_modules: []}\n", "target_modules"),
+    ],
+)
+def test_finetuning_lists_that_would_mislead_are_refused(write_yaml, runs, expected):
+    base = BASE[: BASE.index("runs:")]
+    assert expected in error_of(write_yaml(base + "runs:\n" + runs))
+
+
+def test_a_model_listed_twice_is_refused(write_yaml):
+    text = BASE.replace(
+        "model:\n  name: smollm2-135m-instruct\n", "models: [smollm2-135m-instruct, smollm2-135m-instruct]\n"
+    )
+    assert "lists one model twice" in error_of(write_yaml(text))
+
+
+def test_settings_no_run_reads_are_named_and_defaults_are_not(write_yaml):
+    """Only what the file sets counts: a scoring run with sampling settings, reasoning settings
+    without chain of thought, demonstration settings without shots, LoRA settings on full
+    fine-tuning, a tracking URI without tracking."""
+    from taskfit.ignored import ignored_settings
+
+    base = BASE[: BASE.index("runs:")]
+    text = base + (
+        "tracking_uri: file:/tmp/x\nruns:\n"
+        "  zero:\n    prompt:\n"
+        '      template: "Q: {{ question }} A: {{ answer }}"\n'
+        "      temperature: 0.7\n      max_new_tokens: 20\n      trigger: Think.\n      order: random\n"
+        "  cot:\n    prompt:\n"
+        '      template: "Q: {{ question }} A: {{ answer }}"\n'
+        "      chain_of_thought: true\n      temperature: 0.7\n      samples: 3\n      shots: 2\n      order: random\n"
+        "  full:\n    finetune: {method: full, r: 4}\n"
+    )
+    notes = ignored_settings(load_experiment(write_yaml(text)).config, "multiple_choice")
+    assert notes == [
+        "tracking_uri: not used without `tracking: mlflow`",
+        "runs.zero.prompt.temperature: not used: this run scores the answer options (a run generates text with "
+        "chain_of_thought, samples > 1 or extract)",
+        "runs.zero.prompt.max_new_tokens: not used: this run scores the answer options (a run generates text with "
+        "chain_of_thought, samples > 1 or extract)",
+        "runs.zero.prompt.trigger: not used without `chain_of_thought: true`",
+        "runs.zero.prompt.order: not used with `shots: 0`",
+        "runs.full.finetune.r: not used with `method: full` (a LoRA setting)",
+    ]
+    assert ignored_settings(load_experiment(write_yaml(BASE)).config, "multiple_choice") == []
