@@ -369,6 +369,8 @@ class Experiment(BaseModel):
 
 def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
+    if path.is_dir():
+        raise TaskfitError(f"{path}: a folder. Pass the path of your experiment YAML file itself.")
     if not path.is_file():
         raise TaskfitError(f"{path}: no such experiment file. Pass the path of your experiment YAML.")
     try:

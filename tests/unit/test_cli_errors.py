@@ -277,3 +277,8 @@ def test_an_unusable_model_cache_folder_is_named(tmp_path, monkeypatch):
     assert len(registry._file_hash(weights)) == 64  # the memo is not written; nothing fails
     with pytest.raises(TaskfitError, match="cannot write the converted model to the cache folder"):
         registry._convert_gguf(tmp_path / "m.gguf", registry.cache_dir() / "m-abc", "abc")
+
+
+def test_a_folder_given_as_the_experiment_file_is_named(tmp_path, runner, no_model):
+    result = runner.invoke(app, ["validate", str(tmp_path)])
+    assert result.exit_code == 2 and "a folder. Pass the path of your experiment YAML file itself" in result.stderr

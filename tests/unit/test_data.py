@@ -165,6 +165,14 @@ def test_missing_file(tmp_path):
     message = error_of(tmp_path / "absent.jsonl")
     assert "absent.jsonl" in message
     assert "not found" in message
+    (tmp_path / "folder.jsonl").mkdir()
+    assert "a folder, not a data file" in error_of(tmp_path / "folder.jsonl")
+
+
+def test_csv_header_naming_a_column_twice(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("id,text,text,label\na,x,y,yes\n", encoding="utf-8")
+    assert "line 1: the header names column 'text' more than once" in error_of(path)
 
 
 @pytest.mark.parametrize(("row", "word"), [("b,x,no,extra", "more"), ("b,x", "fewer")])

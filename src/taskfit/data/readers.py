@@ -24,6 +24,8 @@ Record = tuple[str, dict[str, Any]]  # ("file:line", fields)
 
 def read_records(path: Path) -> Sequence[Record]:
     """Read every row of a data file; an empty or malformed file is a `TaskfitError`."""
+    if path.is_dir():
+        raise TaskfitError(f"{path}: a folder, not a data file. Name the file itself in `task.data`.")
     if not path.is_file():
         raise TaskfitError(
             f"{path}: data file not found. Check the path in `task.data` (relative to the experiment file)."
@@ -129,6 +131,12 @@ def _delimited(path: Path) -> list[Record]:
         reader = csv.DictReader(f, delimiter=delimiter)
         if not reader.fieldnames:
             return []
+        twice = sorted({name for name in reader.fieldnames if reader.fieldnames.count(name) > 1})
+        if twice:
+            raise TaskfitError(
+                f"{path}, line 1: the header names column {', '.join(map(repr, twice))} more than once; only the "
+                "last would be read. Give each column its own name."
+            )
         records = []
         for row in reader:
             line = reader.line_num
