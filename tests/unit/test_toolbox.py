@@ -329,6 +329,25 @@ def test_contextual_calibration_removes_a_label_bias(yesno, tmp_path):
     assert 0 <= results["r"]["ece"] <= 1
 
 
+def test_calibration_divides_tiny_content_free_probabilities_exactly():
+    """Multi-token options get content-free probabilities far below 1e-12 (log -19 to -125 on a
+    tiny model); the division runs in log space, so no floor decides the prediction."""
+    from taskfit.prompting.strategy import calibrated, softmax
+
+    ranked = [-2.0, -6.0, -7.0]  # option 0 is the model's choice
+    free = [[-1.0, -90.0, -91.0], [-1.5, -95.0, -96.0]]  # ... and overwhelmingly the content-free one
+    probs, p_cf = calibrated(ranked, free)
+    expected = []
+    for k in range(3):  # Zhao et al.: p / mean content-free p, renormalized (in float64 log space)
+        cf = math.log(sum(math.exp(s[k] - max(s)) / sum(math.exp(x - max(s)) for x in s) for s in free) / 2)
+        expected.append(math.log(softmax(ranked)[k]) - cf)
+    assert probs == pytest.approx(softmax(expected), rel=1e-9)
+    # options 1 and 2 trail by the same nat with and without content: calibrated, they are even
+    # (divided by a floor of 1e-12 instead, option 1 got 0.73 and option 2 0.27)
+    assert probs[1] == pytest.approx(probs[2], rel=1e-6)
+    assert p_cf[0] == pytest.approx(1.0) and 0 < p_cf[1] < 1e-30
+
+
 def test_demo_sets_redraw_demonstrations(yesno, tmp_path):
     lm = ScriptedLM()
     results = taskfit.run(

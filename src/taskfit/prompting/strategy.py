@@ -132,9 +132,7 @@ class ScoreStrategy:
         raw, ranked = prompt.option_scores(query, loglik)
         probs = softmax(ranked)
         if self.calibrate:
-            reference = [softmax(prompt.option_scores(q, loglik)[1]) for q in free]
-            p_cf = [sum(col) / len(col) for col in zip(*reference)]
-            probs = normalized([p / max(c, 1e-12) for p, c in zip(probs, p_cf)])
+            probs, p_cf = calibrated(ranked, [prompt.option_scores(q, loglik)[1] for q in free])
         row = prompt.row(query, raw, ranked, probs)
         if self.calibrate:
             row["content_free_probabilities"] = p_cf
@@ -213,6 +211,21 @@ def with_exact(lm: LM, needs: dict, loglik: dict[Request, float]) -> dict:
         return {}
     exact = dict(zip(wanted, lm.loglikelihood_exact(wanted)))
     return {key: ChainMap({r: exact[r] for r in reqs}, loglik) for key, reqs in needs.items() if reqs}
+
+
+def calibrated(ranked: list[float], free: list[list[float]]) -> tuple[list[float], list[float]]:
+    """Contextual calibration (Zhao et al. 2021): each option's probability divided by its mean
+    probability over the content-free inputs (`free`: their ranked scores), renormalized; and
+    those mean probabilities. Divided in log space: a multi-token option's content-free
+    probability is often far below any floor one could put under a division (1e-50 here)."""
+    log_cf = [combine(col, "logsumexp") - math.log(len(col)) for col in zip(*(log_softmax(scores) for scores in free))]
+    probs = softmax([lp - cf for lp, cf in zip(log_softmax(ranked), log_cf)])
+    return probs, [math.exp(cf) for cf in log_cf]
+
+
+def log_softmax(scores: list[float]) -> list[float]:
+    total = combine(scores, "logsumexp")
+    return [s - total for s in scores]
 
 
 def softmax(scores: list[float]) -> list[float]:
