@@ -12,7 +12,9 @@ import pytest
 import taskfit
 from taskfit.errors import TaskfitError
 from taskfit.models.base import GenerationRequest, Request
+from taskfit.prompting.answers import combine
 from taskfit.prompting.extract import canonical, extract, majority_text, majority_vote, match_option
+from taskfit.prompting.strategy import softmax
 
 YESNO_TRAIN = [
     {"id": f"t{i}", "question": q, "rationale": r, "answer": a}
@@ -139,6 +141,24 @@ def test_failed_extraction_falls_back_to_scoring_and_is_reported(yesno, tmp_path
     assert "no answer could be read from 100% of the generated texts" in caplog.text  # the table shows accuracy
     assert all(r["prediction"] == "no" for r in rows_of(tmp_path / "out"))
     assert lm.scored[0].context.endswith("I am not sure. So the answer is ")
+
+
+@pytest.mark.parametrize("pooling", ["logsumexp", "mean"])
+def test_the_fallback_pools_answer_strings_as_a_scored_run_does(yesno, tmp_path, pooling):
+    """After a failed extraction, a label's several answer strings combine as `answer_pooling`
+    says (it used to take the best string whatever the setting); `vote: mean_prob` shows the
+    sample's option probabilities."""
+    scores = {"yes": -1.0, "sure": -4.0, "no": -1.5, "nope": -1.6}
+    lm = ScriptedLM(script=lambda ctx, s, seed: " Hmm.", score=lambda r: scores[r.continuation.strip()])
+    path = yesno(
+        'template: "Q: {{ question }}\nA: {{ answer }}"\nchain_of_thought: true\nextract: "answer is (yes|no)"\n'
+        f"answers: {{'yes': ['yes', sure], 'no': ['no', nope]}}\nanswer_pooling: {pooling}\nvote: mean_prob"
+    )
+    taskfit.run(path, out=tmp_path / "out", lm=lm)
+    labels = json.loads((tmp_path / "out" / "r" / "manifest.json").read_text())["task"]["labels"]
+    strings = {"yes": ["yes", "sure"], "no": ["no", "nope"]}
+    pooled = [combine([scores[a] for a in strings[label]], pooling) for label in labels]
+    assert rows_of(tmp_path / "out")[0]["probabilities"] == pytest.approx(softmax(pooled), rel=1e-12)
 
 
 def test_the_space_before_the_answer_is_generated_not_prompted(yesno, tmp_path):

@@ -22,6 +22,7 @@ from taskfit.prompting.strategy import (
     answer_fields,
     argmax,
     not_rechecked,
+    option_scores,
     probability_gap,
     recheck_margin,
     softmax,
@@ -70,9 +71,9 @@ class GenerateStrategy:
         fallback = self._fallback_requests(examples, contexts, outputs, picks)
         wanted = list(dict.fromkeys(r for reqs in fallback.values() for per_option in reqs for r in per_option))
         loglik = dict(zip(wanted, lm.loglikelihood(wanted))) if wanted else {}
-        probs = {key: _option_probs(reqs, loglik) for key, reqs in fallback.items()}
+        probs = {key: _option_probs(reqs, loglik, self.cfg) for key, reqs in fallback.items()}
         if self.cfg.vote == "mean_prob":
-            _recheck_means(fallback, probs, loglik, lm)
+            _recheck_means(fallback, probs, loglik, lm, self.cfg)
         rows = []
         for i, (ex, ctx, texts) in enumerate(zip(examples, contexts, outputs)):
             probs_per_sample = {s: probs[i, s] for s in range(len(texts)) if (i, s) in probs}
@@ -119,12 +120,13 @@ class GenerateStrategy:
         return {**row, "probabilities": probs, "prompt": ctx.text}
 
 
-def _option_probs(requests: list[list[Request]], loglik) -> list[float]:
-    """Option probabilities after one sample's reasoning: a softmax over each option's best answer string."""
-    return softmax([max(loglik[r] for r in per) for per in requests])
+def _option_probs(requests: list[list[Request]], loglik, cfg: PromptConfig) -> list[float]:
+    """Option probabilities after one sample's reasoning: its answer strings pooled and normalized
+    as in a scored run (`answer_pooling`, `normalize`)."""
+    return softmax(option_scores(requests, loglik, cfg)[1])
 
 
-def _recheck_means(fallback: dict, probs: dict, loglik: dict, lm: LM) -> None:
+def _recheck_means(fallback: dict, probs: dict, loglik: dict, lm: LM, cfg: PromptConfig) -> None:
     """Under bf16 (a backend naming its `recheck_margin`), `vote: mean_prob` can bring an
     example's two best options within the margin once its samples' probabilities are averaged,
     where no sample's answer strings were that close (those the backend rechecked): that
@@ -141,7 +143,7 @@ def _recheck_means(fallback: dict, probs: dict, loglik: dict, lm: LM) -> None:
     needs = {i: [r for s in samples[i] for r in not_rechecked(fallback[i, s], loglik, margin)] for i in close}
     for i, own in with_exact(lm, needs, loglik).items():
         for s in samples[i]:
-            probs[i, s] = _option_probs(fallback[i, s], own)
+            probs[i, s] = _option_probs(fallback[i, s], own, cfg)
 
 
 def _default_stop(cfg: PromptConfig) -> tuple[str, ...]:

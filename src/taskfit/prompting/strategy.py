@@ -47,14 +47,7 @@ class ScorePrompt:
 
     def option_scores(self, query: Query, loglik: dict[Request, float]) -> tuple[list[float], list[float]]:
         """(raw, ranked): summed log-likelihood per option, and the same after `normalize`."""
-        raw, ranked = [], []
-        for reqs in query.requests:
-            lps = [loglik[r] for r in reqs]
-            raw.append(combine(lps, self.cfg.answer_pooling))
-            if self.cfg.normalize == "length":
-                lps = [lp / len(r.continuation) for lp, r in zip(lps, reqs)]  # per character, as lm-eval's acc_norm
-            ranked.append(combine(lps, self.cfg.answer_pooling))
-        return raw, ranked
+        return option_scores(query.requests, loglik, self.cfg)
 
     def predict(self, query: Query, loglik: dict[Request, float]) -> dict[str, Any]:
         """The prediction row for one example, given the log-likelihood of each request."""
@@ -67,6 +60,21 @@ class ScorePrompt:
         if self.cfg.normalize != "none":
             row["normalized_scores"] = ranked
         return {**row, "probabilities": probs, "prompt": query.prompt}
+
+
+def option_scores(
+    requests: list[list[Request]], loglik: dict[Request, float], cfg: PromptConfig
+) -> tuple[list[float], list[float]]:
+    """(raw, ranked) per option of `requests` ([option][answer string]): its answer strings'
+    log-likelihoods pooled as `answer_pooling` says, and the same after `normalize`."""
+    raw, ranked = [], []
+    for reqs in requests:
+        lps = [loglik[r] for r in reqs]
+        raw.append(combine(lps, cfg.answer_pooling))
+        if cfg.normalize == "length":
+            lps = [lp / len(r.continuation) for lp, r in zip(lps, reqs)]  # per character, as lm-eval's acc_norm
+        ranked.append(combine(lps, cfg.answer_pooling))
+    return raw, ranked
 
 
 class ScoreStrategy:
