@@ -568,6 +568,43 @@ def test_near_ties_that_pooling_makes_are_rechecked_in_float32_for_that_example_
     assert [r for i, r in enumerate(rows) if i != c2] == [r for i, r in enumerate(plain) if i != c2]
 
 
+def test_a_near_tie_of_an_ensembles_average_rechecks_its_templates(write_yaml, fake_lm):
+    """`combine: mean_prob` predicts from the templates' averaged probabilities: two templates
+    leaning 0.5 nats apart in opposite directions tie on average, and under bf16 both are scored
+    again in float32, though neither alone is within the margin."""
+    from taskfit.prompting.strategy import ScoreStrategy
+
+    def score(table):
+        def fn(r):
+            lean = table["A"] if r.context.startswith("A:") else table["B"]
+            return lean.get(r.continuation, -9.0)
+
+        return fn
+
+    bf16 = {"A": {"positive": -0.5, "negative": -1.0}, "B": {"positive": -1.0, "negative": -0.5}}
+    exact = {"A": {"positive": -0.4, "negative": -1.0}, "B": {"positive": -1.0, "negative": -0.5}}
+
+    class Bf16LM(fake_lm):
+        def __init__(self):
+            super().__init__(fn=score(bf16))
+            self.identity = {**self.identity, "recheck_margin": 0.2}
+            self.exact_calls = []
+
+        def loglikelihood_exact(self, requests):
+            self.exact_calls.append(list(requests))
+            return [score(exact)(r) for r in requests]
+
+    templates = '["A: {{ text }} => {{ answer }}", "B: {{ text }} => {{ answer }}"]'
+    path = write_yaml(prompt_yaml(CLS_HEAD, templates=templates))
+    task, cfg = load_task(path), load_experiment(path).config.runs["r"].prompt
+    examples = list(task.split("test"))[:2]
+    lm = Bf16LM()
+    rows = ScoreStrategy(cfg, task, 0, "runs.r.prompt", cfg.template_list).predict(examples, lm)
+    (called,) = lm.exact_calls
+    assert {r.context[:2] for r in called} == {"A:", "B:"} and len(called) == 2 * 2 * 3  # 2 examples x 2 templates
+    assert all(r["prediction"] == "positive" for r in rows)  # float32's average leans positive
+
+
 @pytest.mark.parametrize(
     "expression",
     ["{{ 1/0 }}", "{{ question + 1 }}", "{{ '%d' % question }}", "{{ range(10**9)|length }}", "{% include 'x' %}"],

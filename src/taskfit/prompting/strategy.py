@@ -118,7 +118,8 @@ class ScoreStrategy:
         normalized and calibrated: the backend rechecks only where two answer strings are that
         close, which misses near-ties that pooling, normalization or calibration make. A row is
         recomputed from its own queries' float32 scores alone (the content-free queries other
-        examples share keep their bf16 scores there), so it depends on no other example."""
+        examples share keep their bf16 scores there), so it depends on no other example. With
+        `combine: mean_prob`, a near-tie of the templates' average rechecks all of its rows."""
         margin = recheck_margin(lm)
         if not margin:
             return
@@ -126,7 +127,7 @@ class ScoreStrategy:
             (i, t)
             for i, per in enumerate(rows)
             for t, row in enumerate(per)
-            if probability_gap(row["probabilities"]) < margin
+            if probability_gap(row["probabilities"]) < margin or self._mean_gap(per) < margin
         ]
         needs = {
             (i, t): [r for q in [queries[t][i], *free[t][i]] for r in not_rechecked(q.requests, loglik, margin)]
@@ -134,6 +135,14 @@ class ScoreStrategy:
         }
         for (i, t), own in with_exact(lm, needs, loglik).items():
             rows[i][t] = self._template_row(t, queries[t][i], free[t][i], own)
+
+    def _mean_gap(self, per_template: list[dict[str, Any]]) -> float:
+        """The gap `combine: mean_prob` predicts from (the templates' averaged probabilities): a
+        near-tie there rechecks every template of the example, though none alone is that close."""
+        if self.cfg.combine != "mean_prob" or len(per_template) < 2:
+            return math.inf
+        n = len(per_template[0]["probabilities"])
+        return probability_gap([sum(r["probabilities"][k] for r in per_template) / len(per_template) for k in range(n)])
 
     def _template_row(self, t: int, query: Query, free: list[Query], loglik) -> dict[str, Any]:
         prompt = self.prompts[t]
