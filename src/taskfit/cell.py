@@ -3,6 +3,7 @@ demonstration set, scored on the test split chunk by chunk and written to its fo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -71,7 +72,13 @@ class Cell:
 
     @property
     def demo_seed(self) -> int:
-        return self.seed if not self.demo_set else self.seed * 7919 + self.demo_set
+        """The seed of this cell's demonstrations: the run's seed, or for demo set d >= 1 a hash
+        of (seed, d), so that no set of one seed redraws another seed's (seed * 7919 + d made
+        set 1 of seed 0 the same draw as set 0 of seed 1, correlating the spread's sources)."""
+        if not self.demo_set:
+            return self.seed
+        digest = hashlib.blake2b(f"demo-set\0{self.seed}\0{self.demo_set}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1
 
 
 def check_cell(cell: Cell, prompt: PromptConfig, task: Task, examples: Sequence[Example]) -> None:

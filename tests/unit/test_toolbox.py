@@ -380,6 +380,19 @@ def test_demo_sets_redraw_demonstrations(yesno, tmp_path):
     assert len(prompts) == 3
 
 
+def test_no_demo_set_of_one_seed_redraws_another_seeds():
+    """With seeds and demo_sets together, every (seed, set) draws its own demonstrations: seed * 7919
+    + set made set 1 of seed 0 the draw of set 0 of seed 1."""
+    from taskfit.cell import Cell
+    from taskfit.config import ModelConfig
+
+    def cell(seed, demo_set=None):
+        return Cell("r", ModelConfig(), seed, "r", "r", demo_set=demo_set)
+
+    seeds = {cell(s, d).demo_seed for s in range(50) for d in (None, 1, 2, 3)}
+    assert len(seeds) == 200 and cell(3).demo_seed == 3  # set 0 keeps the run's own seed
+
+
 # ---------------------------------------------------------------- errors
 
 
