@@ -282,3 +282,18 @@ def test_an_unusable_model_cache_folder_is_named(tmp_path, monkeypatch):
 def test_a_folder_given_as_the_experiment_file_is_named(tmp_path, runner, no_model):
     result = runner.invoke(app, ["validate", str(tmp_path)])
     assert result.exit_code == 2 and "a folder. Pass the path of your experiment YAML file itself" in result.stderr
+
+
+def test_a_model_with_a_task_head_is_refused_for_prompting(tmp_path):
+    """A classification model a fine-tuning run exported loads as a causal LM with a random (or
+    untrained) LM head: prompting it would score noise, so it is refused."""
+    import json
+
+    from helpers.tiny import build_tiny_model
+    from taskfit.models.hf import HFLM
+
+    folder = build_tiny_model(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"]}))
+    with pytest.raises(TaskfitError, match="LlamaForSequenceClassification: a model with a task head"):
+        HFLM.load(taskfit.config.ModelConfig(name=str(folder), device="cpu"))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 from dataclasses import dataclass
@@ -123,6 +124,7 @@ class HFLM:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         resolved = resolve(config.name)
+        _check_language_model(Path(resolved.path), config.name)
         device = pick_device(config.device)
         precision = pick_precision(config.dtype, device)
         try:
@@ -253,6 +255,27 @@ class HFLM:
             self.truncated += 1
             return True
         return False
+
+
+LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+"""How transformers names the classes of models with a language-model head (what prompting reads)."""
+
+
+def _check_language_model(folder: Path, name: str) -> None:
+    """Refuse a local model whose config names only classes without a language-model head (a
+    taskfit fine-tuning run exports `...ForSequenceClassification`, `...ForTokenClassification`):
+    loaded for prompting, its head would be dropped and a random or untrained one scored."""
+    config = folder / "config.json"
+    try:
+        architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return  # not a local folder, or no readable config: transformers says what is wrong
+    if architectures and not any(a.endswith(LM_HEADS) for a in architectures):
+        raise TaskfitError(
+            f"model.name: '{name}' is a {', '.join(architectures)}: a model with a task head, which has no "
+            "language-model head to prompt with. Prompt the model it was fine-tuned from, or compare the fine-tuning "
+            "run itself (its predictions are in its run folder)."
+        )
 
 
 def encode_pairs(tokenizer, pairs: list[tuple[str, str]], joint: bool = True) -> list[tuple[list[int], list[int]]]:
