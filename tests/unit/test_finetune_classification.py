@@ -283,6 +283,9 @@ def test_two_input_fields_are_read_as_a_text_pair(root):
     features, truncated = data.tokenize(AutoTokenizer.from_pretrained(root / "encoder"), [parts], 6)
     assert truncated == 1 and len(features[0]["input_ids"]) == 6
     assert features[0]["token_type_ids"][-2:] == [1, 1]  # the second text keeps a token after truncation
+    decoder = AutoTokenizer.from_pretrained(root / "decoder")  # no separator token: the pair is joined by a newline
+    (joined,), _ = data.tokenize(decoder, [parts], 64)
+    assert decoder.decode(joined["input_ids"], skip_special_tokens=True) == "the food was good\nnice"
     incomplete = type("Ex", (), {"fields": {"premise": "x"}, "source": "x:2"})()
     with pytest.raises(TaskfitError, match="x:2: this row has no field 'hypothesis'"):
         data.input_parts(task, incomplete, "runs.ft.finetune")

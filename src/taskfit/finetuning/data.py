@@ -97,6 +97,10 @@ def tokenize(tokenizer, inputs: list[Parts], max_length: int) -> tuple[list[dict
     if not inputs:
         return [], 0
     columns = [list(c) for c in zip(*inputs)]  # [[first texts], [second texts]] for pairs
+    if len(columns) == 2 and getattr(tokenizer, "sep_token", None) is None:
+        # a tokenizer without a separator (decoder LMs) runs a pair's texts together ("goodis it"):
+        # join them as `prompt_of` shows them
+        columns = [[prompt_of(pair) for pair in inputs]]
     full = tokenizer(*columns, truncation=False, verbose=False)["input_ids"]
     encoded = tokenizer(*columns, truncation=True, max_length=max_length)
     truncated = sum(len(ids) > max_length for ids in full)
