@@ -58,9 +58,11 @@ def root(tmp_path_factory) -> Path:
     return root
 
 
-def make_job(root: Path, folder: str, kind: str, train: str | None = None, **finetune) -> FinetuneJob:
+def make_job(
+    root: Path, folder: str, kind: str, train: str | None = None, test: str | None = None, **finetune
+) -> FinetuneJob:
     prefix = "gen" if kind == "generation" else "mc"
-    task = {"type": kind, "data": {"train": train or f"{prefix}-train.jsonl", "test": f"{prefix}-test.jsonl"}}
+    task = {"type": kind, "data": {"train": train or f"{prefix}-train.jsonl", "test": test or f"{prefix}-test.jsonl"}}
     if kind == "generation":
         task.update(label="copy", input=["word"])
         finetune.setdefault("template", GEN_TEMPLATE)
@@ -375,3 +377,22 @@ def test_packed_generation_under_two_processes_scores_every_dev_answer_once(root
     shares = info["test_examples_per_process"]
     assert len(shares) == 2 and sum(shares) == len(test) and min(shares) == len(test) // 2
     assert info["evaluations"] and all(0 <= e["token_accuracy"] <= 1 for e in info["evaluations"])
+
+
+def test_multi_line_answers_are_generated_whole(root):
+    """The template's text after the answer starts with a newline: the model learns answer + that
+    text + EOS, and the prediction is the whole answer (a newline stop cut it to its first line)."""
+    for split, n in (("train", 48), ("test", 8)):
+        rows = [{"id": f"{split}{i}", "word": w, "copy": f"{w}\n{w}"} for i, w in enumerate(WORDS * 6) if i < n]
+        _write(root / f"gen-{split}-lines.jsonl", rows)
+    settings = {**SETTINGS["lora"], "template": GEN_TEMPLATE + "\n"}
+    job = make_job(root, "generation-lines", "generation", "gen-train-lines.jsonl", "gen-test-lines.jsonl", **settings)
+    result = causal.generation(job)
+    assert sum("\n" in r["prediction"] for r in result.rows) >= 6
+    assert _exact(result.rows) >= 0.75
+
+
+def test_the_answer_ends_where_the_templates_text_after_it_begins():
+    assert causal.answer_of(" blue\nblue\n", "\n") == "blue\nblue"
+    assert causal.answer_of(" blue END more", " END") == "blue"
+    assert causal.answer_of(" blue", " END") == "blue"

@@ -356,12 +356,9 @@ def _generate(job, prompter: Prompter, model, tokenizer, max_length: int, max_ne
         contexts = [prompter.context(ex) for ex in examples]
         requests = [
             # The trailing spaces of the prompt were trained as part of the answer (see `encode_pairs`).
-            GenerationRequest(
-                ctx.before.rstrip(" "),
-                max_new_tokens=max_new,
-                stop=("\n",) if ctx.after.startswith("\n") else (),
-                seed=job.seed,
-            )
+            # No stop string: the model was trained to end its answer (and the template's text after
+            # it) with EOS; stopping at a newline cut multi-line answers to their first line.
+            GenerationRequest(ctx.before.rstrip(" "), max_new_tokens=max_new, seed=job.seed)
             for ctx in contexts
         ]
         with training.autocast(job.model):  # as trained and evaluated on dev
@@ -371,7 +368,7 @@ def _generate(job, prompter: Prompter, model, tokenizer, max_length: int, max_ne
                 "id": ex.id,
                 "label": ex.gold_text,
                 "references": list(ex.options),
-                "prediction": text.strip(),
+                "prediction": answer_of(text, ctx.after),
                 "generations": [text],
                 "prompt": ctx.before,
             }
@@ -379,6 +376,15 @@ def _generate(job, prompter: Prompter, model, tokenizer, max_length: int, max_ne
         ]
 
     return training.across_processes(job.test, predict, job.model.device)
+
+
+def answer_of(text: str, after: str) -> str:
+    """The answer in a generated text: training taught answer + the template's text after the
+    answer slot + EOS, so that text (where it is more than white space) ends the answer."""
+    tail = after.strip()
+    if tail and tail in text:
+        text = text[: text.index(tail)]
+    return text.strip()
 
 
 def mc_rows(examples: list[Example], contexts: list[Rendered], lm: Any) -> list[dict]:
