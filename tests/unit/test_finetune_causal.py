@@ -14,6 +14,7 @@ import torch
 from helpers.finetune import FAST, PRECISION, killed_after_first_checkpoint, one_thread, run_on_two_processes  # noqa: F401  (autouse fixture)
 from helpers.tiny import build_tiny_model
 from taskfit.config import ModelConfig, load_experiment
+from taskfit.errors import TaskfitError
 from taskfit.evaluation.text_metrics import exact_match
 from taskfit.finetuning import FinetuneJob, causal, common
 from taskfit.models.base import Request
@@ -396,3 +397,17 @@ def test_the_answer_ends_where_the_templates_text_after_it_begins():
     assert causal.answer_of(" blue\nblue\n", "\n") == "blue\nblue"
     assert causal.answer_of(" blue END more", " END") == "blue"
     assert causal.answer_of(" blue", " END") == "blue"
+
+
+def test_a_max_length_without_room_for_prompt_and_answer_is_refused_before_training(root, monkeypatch):
+    """Generation needs the longest answer (+ a margin) and a prompt within max_length: refused
+    before training, naming finetune.max_length (it used to fail after training, naming a
+    prompt setting the run does not have)."""
+    trained = []
+    monkeypatch.setattr(causal, "_train", lambda *a, **k: trained.append(a))
+    job = make_job(root, "generation-short", "generation", **{**SETTINGS["lora"], "max_length": 12})
+    with pytest.raises(
+        TaskfitError, match=r"runs.ft.finetune.max_length: 12 tokens cannot hold a prompt and an answer"
+    ):
+        causal.generation(job)
+    assert trained == []

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from taskfit.data import Example
+from taskfit.errors import TaskfitError
 from taskfit.finetuning import FinetuneJob, FinetuneResult, common, training
 from taskfit.models.hf import encode_pairs
 from taskfit.prompting.template import Rendered, Template
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 METRIC = "token_accuracy"
 MARGIN_TOKENS = 8
 """Generation: new tokens allowed beyond the longest training answer."""
+MIN_PROMPT_TOKENS = 8
+"""What `max_length` must leave a test prompt beside the answer's room (a prompt cut shorter
+than its training prompts is cut from the left, with a warning)."""
 MC_DEFAULT = "Question: {{ question }}\nAnswer: {{ answer }}"
 PACKING_CHECK_INPUTS = 4
 
@@ -68,20 +72,20 @@ def generation(job: FinetuneJob) -> FinetuneResult:
         features[split], cut = encode_all(tokenizer, ps, prepared.max_length, eos=True, joint=False)
         truncated += cut
     masked = masked_example(tokenizer, features["train"][0])
+    max_new = _room_for_answers(job, features["train"], prepared.max_length)
     # train
     trainer, stats, packing = _train(job, prepared, features, best_reference_metrics(owners))
     # evaluate
     final, merge_diff = common.final_model(
         job, trainer, prepared, features["dev"] + features["train"], padding_collator(tokenizer)
     )
-    longest = max(sum(1 for x in f["labels"] if x != -100) for f in features["train"])
-    rows, shares = _generate(job, prompter, final, tokenizer, prepared.max_length, longest + MARGIN_TOKENS)
+    rows, shares = _generate(job, prompter, final, tokenizer, prepared.max_length, max_new)
     # save
     info = {**_info(job, trainer, prepared, stats, final, merge_diff, shares, truncated, masked), **packing}
     info.update(
         train_pairs=len(pairs["train"]),
         dev_pairs=len(pairs["dev"]),
-        max_new_tokens=longest + MARGIN_TOKENS,
+        max_new_tokens=max_new,
         model_folder=str(common.save(job, trainer, final, tokenizer)),
     )
     return FinetuneResult(rows=rows, info=info)
@@ -129,8 +133,6 @@ class Prompter:
             source = MC_DEFAULT
         self.template = Template(source, where) if source is not None else None
         if job.config.chat and not getattr(tokenizer, "chat_template", None):
-            from taskfit.errors import TaskfitError
-
             raise TaskfitError(f"{job.where}.chat: model '{job.model.name}' has no chat template; set `chat: false`.")
 
     def render(self, example: Example) -> Rendered:
@@ -343,6 +345,20 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 
+def _room_for_answers(job: FinetuneJob, train: list[dict], max_length: int) -> int:
+    """New tokens test-time generation allows (the longest trained answer, EOS included, plus
+    `MARGIN_TOKENS`), checked before training against `max_length`, which must also hold a prompt."""
+    longest = max(sum(1 for x in f["labels"] if x != -100) for f in train)
+    max_new = longest + MARGIN_TOKENS
+    if max_new + MIN_PROMPT_TOKENS > max_length:
+        raise TaskfitError(
+            f"{job.where}.max_length: {max_length} tokens cannot hold a prompt and an answer at test time (the "
+            f"longest trained answer takes {longest} tokens, and generation allows {MARGIN_TOKENS} more). Raise "
+            f"max_length to at least {max_new + MIN_PROMPT_TOKENS}."
+        )
+    return max_new
+
+
 def _generate(job, prompter: Prompter, model, tokenizer, max_length: int, max_new: int) -> tuple[list[dict], list]:
     """Greedy predictions of the test split (shared by the processes of a multi-process launch),
     and how many examples each process predicted."""
@@ -363,6 +379,11 @@ def _generate(job, prompter: Prompter, model, tokenizer, max_length: int, max_ne
         ]
         with training.autocast(job.model):  # as trained and evaluated on dev
             texts = [samples[0] for samples in generator.generate(requests)]  # decoded together, each as if alone
+        if generator.truncated:
+            log.warning(
+                "%s: %d test prompt(s) were cut from the left to leave %d tokens for the answer within max_length %d",
+                job.where, generator.truncated, max_new, max_length,
+            )  # fmt: skip
         return [
             {
                 "id": ex.id,
