@@ -20,7 +20,7 @@ from taskfit.cell import Cell, check_cell, run_cell
 from taskfit.config import Experiment, ModelConfig, RunConfig, dump_config, load_experiment
 from taskfit.errors import TaskfitError, did_you_mean
 from taskfit.evaluation.aggregate import aggregate_seeds, spread
-from taskfit.finetune_cell import check_finetune_cell, check_finetune_template, run_finetune_cell
+from taskfit.finetune_cell import check_finetune_cell, check_finetune_run, run_finetune_cell
 from taskfit.ignored import ignored_settings
 from taskfit.models import frozen_load
 from taskfit.models.base import LM
@@ -77,7 +77,7 @@ def plan(path: str | Path, only: list[str] | None = None, limit: int | None = No
         log.warning("%s: %s", experiment.path.name, note)
     for name, run_cfg in runs.items():
         if run_cfg.finetune:
-            check_finetune_template(name, run_cfg.finetune, p.task)
+            check_finetune_run(name, run_cfg.finetune, p.task, p.test_examples())
     for cell in p.cells:  # render every prompt once: template and data errors surface now
         if runs[cell.run].finetune:
             check_finetune_cell(cell, runs[cell.run].finetune, p.task)

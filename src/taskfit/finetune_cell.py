@@ -49,14 +49,28 @@ TEMPLATE_CHECKS = 5
 """Train examples a fine-tuning template is rendered with at validation (its fields, its answer slot)."""
 
 
-def check_finetune_template(run: str, config: FinetuneConfig, task: Task) -> None:
-    """Once per run: a fine-tuning template prompts decoder LMs on multiple choice and generation;
-    there its syntax and fields are checked now, not when training starts; elsewhere it is unused,
-    so say so."""
+def check_finetune_run(run: str, config: FinetuneConfig, task: Task, test: Sequence[Example]) -> None:
+    """Once per run: train examples that are also test examples (training on them inflates the
+    test metrics) are warned about; and the template (`_check_template`)."""
+    from taskfit.prompting.demos import in_both
+
+    leaked = in_both(task.split("train"), test, task.config.id)
+    if leaked:
+        log.warning(
+            "runs.%s.finetune: %d train example(s) also occur in the test split; training on them inflates the "
+            "test metrics. Remove them from the train file.",
+            run,
+            leaked,
+        )
+    if config.template is not None:
+        _check_template(run, config, task)
+
+
+def _check_template(run: str, config: FinetuneConfig, task: Task) -> None:
+    """A fine-tuning template prompts decoder LMs on multiple choice and generation: there its
+    syntax and fields are checked now, not when training starts; elsewhere it is unused, so say so."""
     from taskfit.prompting.template import Template
 
-    if config.template is None:
-        return
     where = f"runs.{run}.finetune.template"
     template = Template(config.template, where)  # a syntax error is an error whatever the task
     if task.type not in ("multiple_choice", "generation"):

@@ -103,3 +103,11 @@ def test_a_finetuning_template_is_checked_at_validation_or_said_to_be_unused(pro
         taskfit.experiment.plan(_experiment(project, '  a:\n    finetune: {template: "{{ text  {{ answer }}"}\n'))
     taskfit.experiment.plan(_experiment(project, '  a:\n    finetune: {template: "{{ text }} {{ answer }}"}\n'))
     assert "runs.a.finetune.template: not used: classification fine-tuning" in caplog.text
+
+
+def test_training_on_test_examples_is_warned_about(project, caplog):
+    test = (project / "cls_small.csv").read_text().splitlines()
+    with (project / "cls_train.csv").open("a") as f:
+        f.write("\n".join(f"leak{i}," + line.split(",", 1)[1] for i, line in enumerate(test[1:3])) + "\n")
+    taskfit.experiment.plan(_experiment(project, "  a:\n    finetune: {method: lora}\n"))
+    assert "runs.a.finetune: 2 train example(s) also occur in the test split" in caplog.text

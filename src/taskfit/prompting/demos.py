@@ -66,6 +66,13 @@ def _balanced(train: list[Example], shots: int, rng: random.Random) -> list[Exam
     return chosen
 
 
+def in_both(train: Sequence[Example], test: Iterable[Example], id_field: str = "id") -> int:
+    """How many train examples have the content (every field but the id) of a test example."""
+    contents = [_content(ex, id_field) for ex in train]
+    banned = _banned(frozenset(contents), test, id_field, {})
+    return sum(c in banned for c in contents)
+
+
 def _banned(known: frozenset[str], exclude: Iterable[Example], id_field: str, memo: dict) -> set[str]:
     """The contents in `known` that `exclude` holds, computed once per (split, train contents)
     in `memo`: the strategies of an experiment (cells x template sets x dev selection) share
