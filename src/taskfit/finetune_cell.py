@@ -29,9 +29,11 @@ def check_finetune_cell(cell: Cell, config: FinetuneConfig, task: Task) -> None:
     train = task.split("train")
     if not train:
         raise TaskfitError(f"{where}: fine-tuning needs a train split. Add `task.data.train`.")
-    if isinstance(cell.train_size, int) and cell.train_size > len(train):
+    pool = sized_splits(task, cell.train_size, cell.seed)[1] if cell.train_size is not None else train
+    if isinstance(cell.train_size, int) and cell.train_size > len(pool):
+        held = "" if len(pool) == len(train) else f" left after holding out a dev split ({len(train) - len(pool)})"
         raise TaskfitError(
-            f"{where}.train_sizes: {cell.train_size} is more than the {len(train)} train examples. "
+            f"{where}.train_sizes: {cell.train_size} is more than the {len(pool)} train examples{held}. "
             "Use smaller sizes, or `all`."
         )
     if config.method == "qlora" and not _qlora_possible():
@@ -97,6 +99,19 @@ def nested_subset(train: list[Example], size: int | str | None, seed: int) -> li
     return order[: int(size)]
 
 
+def sized_splits(task: Task, size: int | str | None, seed: int) -> tuple[list[Example], list[Example], list[Example]]:
+    """(train subset, the pool it is drawn from, dev) of a `train_sizes` cell. Without a dev file,
+    dev is held out of the whole train split first (as a run without sizes holds it out), and the
+    nested subsets come from the rest: every size is evaluated on the same dev examples, none of
+    which it trains on, and a size means that many training examples."""
+    from taskfit.finetuning.data import dev_strata, stratified_holdout
+
+    train, dev = list(task.split("train")), list(task.split("dev"))
+    if not dev and size is not None:
+        train, dev = stratified_holdout(train, task.config.dev_fraction, seed, dev_strata(task))
+    return nested_subset(train, size, seed), train, dev
+
+
 def run_finetune_cell(
     cell: Cell, config: FinetuneConfig, task: Task, test: Sequence[Example], out_dir: Path, root: Path, tracker=None
 ) -> dict[str, Any]:
@@ -105,9 +120,9 @@ def run_finetune_cell(
 
     reset_peak_memory()
     start = time.perf_counter()
-    train = nested_subset(task.split("train"), cell.train_size, cell.seed)
+    train, _, dev = sized_splits(task, cell.train_size, cell.seed)
     job = FinetuneJob(
-        task=replace(task, splits={**task.splits, "train": train}),
+        task=replace(task, splits={**task.splits, "train": train, "dev": dev}),
         config=config,
         model=cell.model,
         seed=cell.seed,

@@ -47,8 +47,10 @@ def test_train_sizes_are_nested_subsets_with_one_cell_each(project, fake_lm, rec
     path = _experiment(project, "  lora:\n    model: minilm\n    finetune: {method: lora, train_sizes: [3, 6, all]}\n")
     results = taskfit.run(path, out=project / "out", lm=fake_lm())
     trains = [[ex.id for ex in job.task.split("train")] for job in recorded]
-    assert [len(t) for t in trains] == [3, 6, 9]
+    devs = [[ex.id for ex in job.task.split("dev")] for job in recorded]
+    assert [len(t) for t in trains] == [3, 6, 8]  # 9 train examples, one held out as dev first
     assert trains[1][:3] == trains[0] and set(trains[1]) <= set(trains[2])  # nested
+    assert devs[0] == devs[1] == devs[2] and len(devs[0]) == 1 and not set(devs[0]) & set(trains[2])
     assert results["lora"]["variants"] == ["lora[n3]", "lora[n6]", "lora[nall]"]
     manifest = json.loads((project / "out" / "lora" / "n3" / "manifest.json").read_text())
     assert manifest["train_size"] == 3 and manifest["train_examples"] == 3
@@ -80,7 +82,7 @@ def test_prompt_and_finetune_runs_share_the_test_split(project, fake_lm, recorde
     [
         ("  a:\n    finetune: {method: lora, learning_rate: fast}\n", "learning_rate"),
         ("  a:\n    finetune: {method: qlora}\n", "qlora needs a CUDA GPU"),
-        ("  a:\n    finetune: {train_sizes: [100]}\n", "more than the 9 train examples"),
+        ("  a:\n    finetune: {train_sizes: [100]}\n", "more than the 8 train examples left after holding out a dev"),
         ('  a:\n    prompt: {template: "{{ answer }}"}\n    finetune: {method: lora}\n', "exactly one"),
     ],
 )

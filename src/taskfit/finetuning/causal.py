@@ -30,7 +30,7 @@ import torch
 
 from taskfit.data import Example
 from taskfit.errors import TaskfitError
-from taskfit.finetuning import FinetuneJob, FinetuneResult, common, training
+from taskfit.finetuning import FinetuneJob, FinetuneResult, common, data, training
 from taskfit.models.hf import encode_pairs
 from taskfit.prompting.template import Rendered, Template
 
@@ -59,7 +59,7 @@ def generation(job: FinetuneJob) -> FinetuneResult:
     from transformers import AutoModelForCausalLM
 
     # setup
-    prepared = common.prepare(job, AutoModelForCausalLM, "CAUSAL_LM", stratify=lambda ex: 0)
+    prepared = common.prepare(job, AutoModelForCausalLM, "CAUSAL_LM", stratify=data.dev_strata(job.task))
     tokenizer = prepared.loaded.tokenizer
     prompter = Prompter(job, tokenizer)
     pairs = {  # every reference
@@ -98,7 +98,7 @@ def multiple_choice(job: FinetuneJob) -> FinetuneResult:
 
     from taskfit.models.hf import HFLM, pick_precision
 
-    prepared = common.prepare(job, AutoModelForCausalLM, "CAUSAL_LM", stratify=lambda ex: ex.gold)
+    prepared = common.prepare(job, AutoModelForCausalLM, "CAUSAL_LM", stratify=data.dev_strata(job.task))
     tokenizer = prepared.loaded.tokenizer
     prompter = Prompter(job, tokenizer)
     features, truncated = {}, 0

@@ -53,6 +53,18 @@ def prompt_of(parts: Parts) -> str:
     return "\n".join(parts)
 
 
+def dev_strata(task: Task) -> Callable[[Example], Any]:
+    """What a dev hold-out of `task` is stratified on: the gold answer (classification, multiple
+    choice), whether a sentence has an entity (token classification), nothing (generation)."""
+    if task.type == "generation":
+        return lambda ex: 0
+    if task.type == "token_classification":
+        from taskfit.tasks.token_classification import OUTSIDE, tags_of
+
+        return lambda ex: any(t != OUTSIDE for t in tags_of(ex, task.config))
+    return lambda ex: ex.gold
+
+
 def train_and_dev(task: Task, seed: int, where: str, key: Callable[[Example], Any]) -> tuple[list, list]:
     """The train split and the dev split; without a dev file, a stratified seeded hold-out of train.
 

@@ -42,7 +42,7 @@ def multiple_choice(job: FinetuneJob) -> FinetuneResult:
 
     _require_encoder(job)
     # setup
-    prepared = common.prepare(job, Auto, "SEQ_CLS", stratify=lambda ex: ex.gold)
+    prepared = common.prepare(job, Auto, "SEQ_CLS", stratify=data.dev_strata(job.task))
     tokenizer = prepared.loaded.tokenizer
     splits = {"train": prepared.train, "dev": prepared.dev, "test": job.test}
     contexts = {s: [context_of(job, ex) for ex in exs] for s, exs in splits.items()}

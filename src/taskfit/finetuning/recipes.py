@@ -41,7 +41,7 @@ def classification(job: FinetuneJob) -> FinetuneResult:
         "label2id": {n: i for i, n in enumerate(labels)},
     }
     # setup
-    prepared = common.prepare(job, Auto, "SEQ_CLS", stratify=lambda ex: ex.gold, **head)
+    prepared = common.prepare(job, Auto, "SEQ_CLS", stratify=data.dev_strata(job.task), **head)
     splits = {"train": prepared.train, "dev": prepared.dev, "test": job.test}
     inputs = {split: [data.input_parts(job.task, ex, job.where) for ex in exs] for split, exs in splits.items()}
     features, truncated = _features(prepared, splits, inputs)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from taskfit.evaluation.token_metrics import scores_from_counts, sentence_counts
-from taskfit.finetuning import FinetuneJob, FinetuneResult, common, training
+from taskfit.finetuning import FinetuneJob, FinetuneResult, common, data, training
 from taskfit.tasks.token_classification import OUTSIDE, encode, spans, tag_scheme, tags_of, tokens_of
 
 IGNORE = -100
@@ -42,8 +42,7 @@ def token_classification(job: FinetuneJob) -> FinetuneResult:
     head = {"num_labels": len(tags), "id2label": dict(enumerate(tags)), "label2id": {t: i for i, t in enumerate(tags)}}
     # setup
     cfg = job.task.config
-    has_entity = lambda ex: any(t != OUTSIDE for t in tags_of(ex, cfg))  # noqa: E731
-    prepared = common.prepare(job, Auto, "TOKEN_CLS", stratify=has_entity, **head)
+    prepared = common.prepare(job, Auto, "TOKEN_CLS", stratify=data.dev_strata(job.task), **head)
     tokenizer = prepared.loaded.tokenizer
     splits = {"train": prepared.train, "dev": prepared.dev, "test": job.test}
     encoded = {
