@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,8 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
 
 from taskfit.config import FinetuneConfig
 from taskfit.finetuning.data import fingerprint
@@ -134,8 +137,11 @@ def arguments(folder: Path, cfg: FinetuneConfig, seed: int, n_train: int, model:
 @dataclass
 class TrainStats:
     seconds: float
+    """Training time of the whole run: a resumed run adds the time its earlier part took up to the
+    checkpoint it resumed from (work done after that checkpoint and lost is not counted), so that
+    its cost is an uninterrupted run's."""
     tokens: int
-    """Non-padding input tokens fed to the model during this call (a resumed run counts its own part)."""
+    """Non-padding input tokens fed to the model over the whole run, across interruptions."""
     resumed_from_step: int | None
 
     @property
@@ -143,15 +149,32 @@ class TrainStats:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-class _Throughput(TrainerCallback):
-    """Time and tokens of this `train()` call, measured after a resumed state has been loaded."""
+class _Throughput(TrainerCallback, ExportableState):
+    """Time and tokens of the whole run, across interruptions.
+
+    The Trainer writes each `ExportableState` callback's `state()` into the trainer state of every
+    checkpoint, so the seconds trained so far are saved with the checkpoint they belong to (in its
+    last file, see `complete`); a resumed run reads them back. Tokens are the Trainer's own count,
+    restored with its state."""
+
+    def __init__(self):
+        self.before, self.start, self.step0 = 0.0, None, 0
+
+    def elapsed(self) -> float:
+        return self.before + (time.perf_counter() - self.start if self.start is not None else 0.0)
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"seconds_trained": self.elapsed()}}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start, self.tokens0, self.step0 = time.perf_counter(), state.num_input_tokens_seen, state.global_step
+        # `state` is a resumed checkpoint's by now; a fresh run's holds this callback's initial 0 s.
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        self.before = float(saved.get("attributes", {}).get("seconds_trained", 0.0)) if isinstance(saved, dict) else 0.0
+        self.start, self.step0 = time.perf_counter(), state.global_step
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.seconds = time.perf_counter() - self.start
-        self.tokens = state.num_input_tokens_seen - self.tokens0
+        self.seconds = self.elapsed()
+        self.tokens = state.num_input_tokens_seen
 
 
 class AnswerLossTrainer(Trainer):
@@ -240,10 +263,11 @@ def make_trainer(
 
 
 def prepare_checkpoints(folder: Path, stamp: dict[str, Any], device: str = "auto") -> bool:
-    """Whether `folder/checkpoints` holds a checkpoint of this very job to resume from.
+    """Whether `folder/checkpoints` holds checkpoint folders of this very job (complete or not:
+    `resume_point` picks the one to resume from).
 
-    Checkpoints of a different job (config, data or model changed) are removed: resuming them
-    would silently mix two runs. Under `accelerate launch` the main process decides."""
+    Checkpoints of a different job (config, data, model, precision or device changed) are removed:
+    resuming them would silently mix two runs. Under `accelerate launch` the main process decides."""
     checkpoints = folder / "checkpoints"
     stamp_file = checkpoints / STAMP
     state = processes(device)
@@ -255,6 +279,49 @@ def prepare_checkpoints(folder: Path, stamp: dict[str, Any], device: str = "auto
         stamp_file.write_text(json.dumps(stamp, indent=1))
     state.wait_for_everyone()
     return any(p.is_dir() for p in checkpoints.glob("checkpoint-*"))
+
+
+def complete(checkpoint: Path) -> bool:
+    """Whether the Trainer finished saving `checkpoint`: `Trainer._save_checkpoint` writes the
+    trainer state (trainer_state.json) last, after the weights, optimizer, scheduler and RNG states,
+    so a save killed part-way leaves a folder without it, or with it cut short."""
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "global_step" in state
+
+
+def resume_point(folder: Path, device: str = "auto") -> Path | None:
+    """The latest complete checkpoint in `folder/checkpoints`, or None (start over).
+
+    A run killed while the Trainer saved leaves its newest checkpoint incomplete; the Trainer's own
+    choice (the latest folder) would then fail on every re-run ("Can't find a valid checkpoint").
+    Incomplete checkpoints are removed (by the main process, under `accelerate launch`)."""
+    found = [p for p in (folder / "checkpoints").glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    state = processes(device)
+    if state.is_main_process:
+        for path in found:
+            if path.is_dir() and not complete(path):
+                log.warning("%s: incomplete checkpoint (the run stopped while saving it); removing it", path)
+                shutil.rmtree(path)
+    state.wait_for_everyone()
+    done = [p for p in found if p.is_dir() and complete(p)]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def stamp(job: Any, identity: dict[str, Any], train_set: list[dict], dev_set: list[dict]) -> dict[str, Any]:
+    """What makes two runs the same job, so that a checkpoint is resumed only by its own job: the
+    finetune config, seed, model, data, and the precision and device it trains with (as set and as
+    resolved: `auto` differs between machines)."""
+    return {
+        "config": job.config.model_dump(mode="json"),
+        "seed": job.seed,
+        "model": identity,
+        "data": fingerprint(train_set, dev_set),
+        "precision": {"dtype": job.model.dtype, "bf16_autocast": mixed_precision(job.model)},
+        "device": {"device": job.model.device, "trains_on": "cpu" if uses_cpu(job.model.device) else "cuda"},
+    }
 
 
 def train(
@@ -272,22 +339,49 @@ def train(
 ) -> tuple[Trainer, TrainStats]:
     """Train on the features, resuming this job's latest checkpoint if there is one; on return
     the Trainer's model holds the best checkpoint by the dev `metric`."""
-    stamp = {
-        "config": job.config.model_dump(mode="json"),
-        "seed": job.seed,
-        "model": identity,
-        "data": fingerprint(train_set, dev_set),
-    }
-    resume = prepare_checkpoints(
-        job.folder, stamp, job.model.device
-    )  # before the Trainer: it creates its output folder
+    # before the Trainer: it creates its output folder
+    prepare_checkpoints(job.folder, stamp(job, identity, train_set, dev_set), job.model.device)
+    checkpoint = resume_point(job.folder, job.model.device)
     trainer = make_trainer(
         job, model, tokenizer, train_set, dev_set, compute_metrics, metric, collator, preprocess_logits, trainer_class
     )
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     throughput = next(c for c in trainer.callback_handler.callbacks if isinstance(c, _Throughput))
-    trainer.train(resume_from_checkpoint=True if resume else None)
-    stats = TrainStats(throughput.seconds, int(throughput.tokens), throughput.step0 if resume else None)
+    stats = TrainStats(throughput.seconds, int(throughput.tokens), throughput.step0 if checkpoint else None)
+    if trainer.is_world_process_zero():
+        warn_if_untrained(trainer, metric, job.folder)
     return trainer, stats
+
+
+def warn_if_untrained(trainer: Trainer, metric: str, folder: Path) -> None:
+    """Warn where the model kept may be (barely) trained: the Trainer keeps the earliest of tied
+    checkpoints (a later one must beat the best strictly; transformers has no setting to prefer the
+    later one), which can be the first evaluation's, and warmup can leave that one untouched."""
+    history = evaluations(trainer, metric)
+    best = trainer.state.best_global_step
+    if not history or best is None:
+        return
+    first = history[0]
+    if best == first["step"] and any(e[metric] == first[metric] for e in history[1:]):
+        tied = f"later evaluations only tied its dev {metric} ({first[metric]:g}), and ties keep the earliest"
+        log.warning(
+            f"{folder}: the model kept is the first evaluation's (step {best}): {tied} checkpoint. Train longer "
+            "or with a larger learning rate, or use a larger dev split (ties are likelier on a small one)."
+        )
+    if unchanged_until(trainer, best):
+        log.warning(
+            f"{folder}: the model kept (step {best}) equals the starting model: the learning rate was 0 on "
+            "every step up to it (warmup), so the exported weights are the base model's. Lower `warmup_ratio` "
+            "or train longer."
+        )
+
+
+def unchanged_until(trainer: Trainer, step: int) -> bool:
+    """Whether optimizer steps 1..`step` all ran at learning rate 0 (so the weights did not move):
+    step k uses the scheduler's factor for k-1. False where the scheduler's factors are unknown."""
+    scheduler = getattr(trainer.lr_scheduler, "scheduler", trainer.lr_scheduler)  # accelerate wraps it
+    factors = getattr(scheduler, "lr_lambdas", None)  # LambdaLR: every schedule `scheduler` offers
+    return bool(factors) and all(factor(k) == 0 for factor in factors for k in range(step))
 
 
 def remove_checkpoints(folder: Path) -> None:
