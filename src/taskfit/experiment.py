@@ -229,15 +229,19 @@ def _by_model(cells: list[Cell]) -> dict[ModelConfig, list[Cell]]:
 
 
 def _results(cells: list[Cell], per_cell: dict[Cell, dict]) -> dict[str, Any]:
-    """Per label: metrics (aggregated over seeds). Per run with variants: their spread too."""
+    """Per label: metrics (aggregated over seeds). Per run with templates (`combine: each`) or
+    demonstration sets: their spread too, for each number of shots or training examples apart
+    (those are settings, the x of a learning curve; averaging over them would mean nothing)."""
     by_label: dict[str, dict[int, dict]] = {}
     for cell in cells:
         by_label.setdefault(cell.label, {})[cell.seed] = per_cell[cell]
     results = {label: aggregate_seeds(seeds) for label, seeds in by_label.items()}
     variants: dict[str, list[str]] = {}
     for cell in cells:
-        if cell.is_variant:
-            key = cell.run + cell.label[cell.label.index("]") + 1 :]  # run, plus @model if any
+        if cell.template is not None or cell.demo_set is not None:
+            setting = f"k{cell.shots}" if cell.shots is not None else ""
+            model = cell.label[cell.label.index("]") + 1 :]  # @model, if any
+            key = (f"{cell.run}[{setting}]" if setting else cell.run) + model
             variants.setdefault(key, [])
             if cell.label not in variants[key]:
                 variants[key].append(cell.label)

@@ -373,3 +373,18 @@ def test_memory_text_follows_the_manifests_scope(cls_dir: Path):
         assert ("peak includes earlier ones" in cost) == (scope is None)
     mixed = memory_note([{"peak_memory_mb": {"cpu_rss_scope": "cell"}}, {"peak_memory_mb": {"cpu_rss": 1.0}}])
     assert "For 1 of 2 cells it is measured within the cell" in mixed and "includes earlier ones" in mixed
+
+
+def test_train_sizes_make_one_curve_with_all_at_its_number_of_examples():
+    """A fine-tuning run's sizes are one series (its settings, not its training figures, key it),
+    and `all` sits at the number of examples it trained on."""
+    from taskfit.report.analysis import learning_series
+
+    def group(size, examples, seconds):
+        config = {"finetune": {"method": "lora", "train_sizes": [4, 8, "all"]}}
+        manifest = {"run": "ft", "label": f"ft[n{size}]", "model": {"name": "m"}, "train_size": size,
+                    "train_examples": examples, "finetune": {"train_time_s": seconds}, "config": config}  # fmt: skip
+        return LabelGroup(manifest["label"], {"accuracy": 0.5}, [CellResult(Path(manifest["label"]), manifest, [])])
+
+    (series,) = learning_series([group(4, 4, 1.0), group(8, 8, 2.5), group("all", 12, 4.0)], "accuracy")
+    assert [x for x, *_ in series.points] == [4.0, 8.0, 12.0]

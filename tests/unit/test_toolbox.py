@@ -368,6 +368,16 @@ def test_calibration_divides_tiny_content_free_probabilities_exactly():
     assert p_cf[0] == pytest.approx(1.0) and 0 < p_cf[1] < 1e-30
 
 
+def test_a_spread_is_over_templates_or_demo_sets_at_each_number_of_shots(yesno, tmp_path):
+    results = taskfit.run(
+        yesno('template: "Q: {{ question }}\\nA: {{ answer }}"\nshots: [1, 2]\ndemos: random\ndemo_sets: 2'),
+        out=tmp_path / "out",
+        lm=ScriptedLM(),
+    )
+    assert results["r[k1]"]["variants"] == ["r[k1-d0]", "r[k1-d1]"]
+    assert results["r[k2]"]["variants"] == ["r[k2-d0]", "r[k2-d1]"] and "r" not in results
+
+
 def test_demo_sets_redraw_demonstrations(yesno, tmp_path):
     lm = ScriptedLM()
     results = taskfit.run(
@@ -445,7 +455,7 @@ def test_a_list_of_shots_gives_one_cell_per_count_and_a_learning_curve(yesno, tm
     results = taskfit.run(
         yesno('template: "Q: {{ question }}\\nA: {{ answer }}"\nshots: [0, 2, 4]'), out=tmp_path / "out", lm=lm
     )
-    assert results["r"]["variants"] == ["r[k0]", "r[k2]", "r[k4]"]
+    assert list(results) == ["r[k0]", "r[k2]", "r[k4]"]  # settings, not variants: no mean over them
     prompts = [rows_of(tmp_path / "out", f"r/k{k}")[0]["prompt"] for k in (0, 2, 4)]
     assert [p.count("Q:") for p in prompts] == [1, 3, 5]
     manifest = json.loads((tmp_path / "out" / "r" / "k2" / "manifest.json").read_text())

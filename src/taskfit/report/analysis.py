@@ -151,8 +151,9 @@ class Series:
 def curve_x(manifest: dict[str, Any]) -> tuple[str, float] | None:
     """Where a cell sits on the learning curve: training examples for a fine-tuning cell,
     demonstrations for a prompting one."""
-    if manifest.get("finetune") is not None and isinstance(manifest.get("train_size"), int | float):
-        return "train_size", float(manifest["train_size"])
+    if manifest.get("finetune") is not None and manifest.get("train_size") is not None:
+        examples = manifest.get("train_examples", manifest["train_size"])  # what `all` came to, too
+        return ("train_size", float(examples)) if isinstance(examples, int | float) else None
     prompt = (manifest.get("config") or {}).get("prompt")
     shots = prompt.get("shots") if isinstance(prompt, dict) else None
     return ("shots", float(shots)) if isinstance(shots, int | float) else None
@@ -164,7 +165,8 @@ def _series_key(manifest: dict[str, Any], kind: str) -> str:
     `demo_set` keep each on a curve of its own."""
     model = manifest.get("model") or {}
     if kind == "train_size":
-        settings = {k: v for k, v in (manifest.get("finetune") or {}).items() if k != "train_size"}
+        finetune = (manifest.get("config") or {}).get("finetune") or {}  # the settings (not the training's figures)
+        settings = {k: v for k, v in finetune.items() if k != "train_sizes"}
     else:
         prompt = (manifest.get("config") or {}).get("prompt") or {}
         settings = {k: v for k, v in prompt.items() if k not in ("shots", "demos")}
