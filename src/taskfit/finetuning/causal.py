@@ -79,7 +79,8 @@ def generation(job: FinetuneJob) -> FinetuneResult:
     final, merge_diff = common.final_model(
         job, trainer, prepared, features["dev"] + features["train"], padding_collator(tokenizer)
     )
-    rows, shares = _generate(job, prompter, final, tokenizer, prepared.max_length, max_new)
+    multi_line = any("\n" in option for ex in prepared.train for option in ex.options)
+    rows, shares = _generate(job, prompter, final, tokenizer, prepared.max_length, max_new, multi_line)
     # save
     info = {**_info(job, trainer, prepared, stats, final, merge_diff, shares, truncated, masked), **packing}
     info.update(
@@ -359,7 +360,9 @@ def _room_for_answers(job: FinetuneJob, train: list[dict], max_length: int) -> i
     return max_new
 
 
-def _generate(job, prompter: Prompter, model, tokenizer, max_length: int, max_new: int) -> tuple[list[dict], list]:
+def _generate(
+    job, prompter: Prompter, model, tokenizer, max_length: int, max_new: int, multi_line: bool = False
+) -> tuple[list[dict], list]:
     """Greedy predictions of the test split (shared by the processes of a multi-process launch),
     and how many examples each process predicted."""
     from taskfit.models.base import GenerationRequest
@@ -372,9 +375,15 @@ def _generate(job, prompter: Prompter, model, tokenizer, max_length: int, max_ne
         contexts = [prompter.context(ex) for ex in examples]
         requests = [
             # The trailing spaces of the prompt were trained as part of the answer (see `encode_pairs`).
-            # No stop string: the model was trained to end its answer (and the template's text after
-            # it) with EOS; stopping at a newline cut multi-line answers to their first line.
-            GenerationRequest(ctx.before.rstrip(" "), max_new_tokens=max_new, seed=job.seed)
+            # Where the template's text after the answer starts a new line, a newline ends the
+            # answer, unless training answers span lines themselves (`multi_line`): then only EOS,
+            # which training put after every answer, ends it (a newline stop cut them short).
+            GenerationRequest(
+                ctx.before.rstrip(" "),
+                max_new_tokens=max_new,
+                stop=("\n",) if ctx.after.startswith("\n") and not multi_line else (),
+                seed=job.seed,
+            )
             for ctx in contexts
         ]
         with training.autocast(job.model):  # as trained and evaluated on dev
