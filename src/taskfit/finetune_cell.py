@@ -121,6 +121,11 @@ def run_finetune_cell(
     reset_peak_memory()
     start = time.perf_counter()
     train, _, dev = sized_splits(task, cell.train_size, cell.seed)
+    key = job_key(cell, config, task, (train, dev, test))
+    done = _finished(out_dir / cell.folder, key)
+    if done is not None:
+        log.info("%s: finished earlier with these settings and data; its results are kept", cell.folder)
+        return done
     job = FinetuneJob(
         task=replace(task, splits={**task.splits, "train": train, "dev": dev}),
         config=config,
@@ -139,6 +144,35 @@ def run_finetune_cell(
         "train_examples": len(train),
         "finetune": result.info,
         "config": {"finetune": config.model_dump(mode="json")},
+        "job_key": key,
     }
     inputs = write_rows(out_dir / cell.folder, task, [result.rows])
     return write_cell(cell, task, inputs, identity, extra, out_dir, root, start, tracker)
+
+
+def job_key(cell: Cell, config: FinetuneConfig, task: Task, splits: tuple[Sequence[Example], ...]) -> str:
+    """What a fine-tuning cell's results depend on: its settings, seed, model (weights' hash,
+    dtype, device), task, the train / dev / test examples and how taskfit computes (`COMPUTATION`,
+    version). A cell whose manifest holds the same key is not trained again."""
+    import taskfit
+    from taskfit.finetuning.data import fingerprint
+    from taskfit.models.registry import resolve
+    from taskfit.store import COMPUTATION
+
+    examples = [[(ex.id, ex.fields) for ex in split] for split in splits]
+    model = (resolve(cell.model.name).identity, cell.model.model_dump(mode="json"))
+    settings = (config.model_dump(mode="json"), task.config.model_dump(mode="json"), cell.seed)
+    return fingerprint(settings, model, examples, COMPUTATION, taskfit.__version__)
+
+
+def _finished(folder: Path, key: str) -> dict[str, Any] | None:
+    """The metrics of the cell in `folder` if it finished with this very `key`, else None."""
+    import json
+
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("job_key") != key or not (folder / "predictions.jsonl").is_file():
+        return None
+    return manifest.get("metrics")

@@ -113,3 +113,17 @@ def test_training_on_test_examples_is_warned_about(project, caplog):
         f.write("\n".join(f"leak{i}," + line.split(",", 1)[1] for i, line in enumerate(test[1:3])) + "\n")
     taskfit.experiment.plan(_experiment(project, "  a:\n    finetune: {method: lora}\n"))
     assert "runs.a.finetune: 2 train example(s) also occur in the test split" in caplog.text
+
+
+def test_a_finished_cell_is_not_trained_again_unless_what_it_depends_on_changed(project, fake_lm, recorded):
+    """Adding a seed or re-running the same command trains only what is new (as prompting's
+    cache computes only what is new); other settings, data or test items train again."""
+    path = _experiment(project, "  lora:\n    model: minilm\n    finetune: {method: lora, epochs: 1}\n")
+    first = taskfit.run(path, out=project / "out", lm=fake_lm())
+    assert len(recorded) == 1
+    assert taskfit.run(path, out=project / "out", lm=fake_lm()) == first and len(recorded) == 1
+    taskfit.run(path, out=project / "out", lm=fake_lm(), limit=4)  # other test items
+    assert len(recorded) == 2
+    taskfit.run(_experiment(project, "  lora:\n    model: minilm\n    finetune: {method: lora, epochs: 2}\n"),
+                out=project / "out", lm=fake_lm(), limit=4)  # fmt: skip
+    assert len(recorded) == 3
