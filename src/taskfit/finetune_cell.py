@@ -47,10 +47,6 @@ def check_finetune_cell(cell: Cell, config: FinetuneConfig, task: Task) -> None:
             raise TaskfitError(f"{missing.source}: no field '{field}' (named in `task.input`).")
 
 
-TEMPLATE_CHECKS = 5
-"""Train examples a fine-tuning template is rendered with at validation (its fields, its answer slot)."""
-
-
 def check_finetune_run(run: str, config: FinetuneConfig, task: Task, test: Sequence[Example]) -> None:
     """Once per run: train examples that are also test examples (training on them inflates the
     test metrics) are warned about; and the template (`_check_template`)."""
@@ -70,7 +66,8 @@ def check_finetune_run(run: str, config: FinetuneConfig, task: Task, test: Seque
 
 def _check_template(run: str, config: FinetuneConfig, task: Task) -> None:
     """A fine-tuning template prompts decoder LMs on multiple choice and generation: there its
-    syntax and fields are checked now, not when training starts; elsewhere it is unused, so say so."""
+    syntax and fields are checked now on every example, not when training or testing reaches
+    one; elsewhere it is unused, so say so."""
     from taskfit.prompting.template import Template
 
     where = f"runs.{run}.finetune.template"
@@ -80,8 +77,9 @@ def _check_template(run: str, config: FinetuneConfig, task: Task) -> None:
             "%s: not used: %s fine-tuning trains a head on the input text (remove the template)", where, task.type
         )
         return
-    for example in task.split("train")[:TEMPLATE_CHECKS]:
-        template.render(example)
+    for split in ("train", "dev", "test"):  # every prompt it will read, as prompt runs are checked
+        for example in task.split(split):
+            template.render(example)
 
 
 def _qlora_possible() -> bool:
@@ -135,9 +133,18 @@ def run_finetune_cell(
         folder=out_dir / cell.folder,
         where=f"runs.{cell.run}.finetune",
     )
+    _check_device(cell.model.device, job.where)
     result = run_finetune(job)
     if not is_main_process():  # it trained with the main process, which writes the cell
         return {}
+    if result.info.get("truncated_inputs"):
+        log.warning(
+            "%s: %d input(s) were longer than max_length (%s tokens) and were cut; raise `max_length` to train on them "
+            "whole",
+            job.where,
+            result.info["truncated_inputs"],
+            config.max_length,
+        )
     identity = {**resolve(cell.model.name).identity, "dtype": result.info.get("dtype", "float32")}
     extra = {
         "trainable_parameters": result.info.get("trainable_parameters", 0),
@@ -176,3 +183,14 @@ def _finished(folder: Path, key: str) -> dict[str, Any] | None:
     if not isinstance(manifest, dict) or manifest.get("job_key") != key or not (folder / "predictions.jsonl").is_file():
         return None
     return manifest.get("metrics")
+
+
+def _check_device(device: str, where: str) -> None:
+    """A CUDA device the machine lacks is an error (training would silently fall back to the CPU)."""
+    if device.startswith("cuda"):
+        from taskfit.models.hf import pick_device
+
+        try:
+            pick_device(device)
+        except TaskfitError as exc:
+            raise TaskfitError(f"{where}: {exc}") from None

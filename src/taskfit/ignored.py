@@ -23,7 +23,9 @@ def ignored_settings(config: ExperimentConfig, task_type: str) -> list[str]:
         if run.prompt is not None:
             notes += _prompt(f"runs.{name}.prompt", run.prompt, task_type)
         if run.finetune is not None:
-            notes += _finetune(f"runs.{name}.finetune", run.finetune)
+            notes += _finetune(f"runs.{name}.finetune", run.finetune, task_type)
+    if "dev_fraction" in config.task.model_fields_set and config.task.data.dev is not None:
+        notes.append("task.dev_fraction: not used: the dev split comes from `task.data.dev`")
     return notes
 
 
@@ -47,8 +49,15 @@ def _prompt(where: str, prompt: PromptConfig, task_type: str) -> list[str]:
     return notes
 
 
-def _finetune(where: str, finetune: FinetuneConfig) -> list[str]:
-    if finetune.method != "full":
-        return []
+def _finetune(where: str, finetune: FinetuneConfig, task_type: str) -> list[str]:
     given = finetune.model_fields_set
-    return [f"{where}.{key}: not used with `method: full` (a LoRA setting)" for key in ADAPTER if key in given]
+    notes = []
+    if finetune.method == "full":
+        notes += [f"{where}.{key}: not used with `method: full` (a LoRA setting)" for key in ADAPTER if key in given]
+    if task_type in ("classification", "token_classification"):  # a head on the input text: no prompt
+        notes += [
+            f"{where}.{key}: not used: {task_type} fine-tuning trains a head on the input text"
+            for key in ("chat", "packing")
+            if key in given
+        ]
+    return notes

@@ -481,3 +481,19 @@ def test_settings_no_run_reads_are_named_and_defaults_are_not(write_yaml):
         "runs.full.finetune.r: not used with `method: full` (a LoRA setting)",
     ]
     assert ignored_settings(load_experiment(write_yaml(BASE)).config, "multiple_choice") == []
+
+
+def test_finetuning_settings_a_head_never_reads_are_named(write_yaml):
+    from taskfit.ignored import ignored_settings
+
+    base = BASE[: BASE.index("task:")]
+    text = base + (
+        "task:\n  type: classification\n  data: {train: cls_train.csv, dev: cls_train.csv, test: cls_small.csv}\n"
+        "  dev_fraction: 0.3\nruns:\n  t:\n    finetune: {chat: true, packing: true}\n"
+    )
+    notes = ignored_settings(load_experiment(write_yaml(text)).config, "classification")
+    assert notes == [
+        "runs.t.finetune.chat: not used: classification fine-tuning trains a head on the input text",
+        "runs.t.finetune.packing: not used: classification fine-tuning trains a head on the input text",
+        "task.dev_fraction: not used: the dev split comes from `task.data.dev`",
+    ]

@@ -127,3 +127,32 @@ def test_a_finished_cell_is_not_trained_again_unless_what_it_depends_on_changed(
     taskfit.run(_experiment(project, "  lora:\n    model: minilm\n    finetune: {method: lora, epochs: 2}\n"),
                 out=project / "out", lm=fake_lm(), limit=4)  # fmt: skip
     assert len(recorded) == 3
+
+
+def test_a_finetuning_template_is_rendered_on_test_examples_too(project):
+    """A field every train row has but a test row lacks fails at validation, not after training."""
+    rows = [json.loads(line) for line in (project / "mc_train.jsonl").read_text().splitlines()]
+    (project / "mc_train.jsonl").write_text("".join(json.dumps({**r, "hint": "h"}) + "\n" for r in rows))
+    text = (project / "mc.yaml").read_text()
+    (project / "ft_mc.yaml").write_text(
+        text[: text.index("runs:")]
+        + 'runs:\n  a:\n    finetune: {template: "{{ hint }} {{ question }} {{ answer }}"}\n'
+    )
+    with pytest.raises(TaskfitError, match=r"mc_small.jsonl.*hint|hint.*mc_small.jsonl"):
+        taskfit.experiment.plan(project / "ft_mc.yaml")
+
+
+def test_truncated_training_inputs_and_a_missing_gpu_are_named(project, fake_lm, monkeypatch, caplog):
+    from taskfit import finetune_cell
+
+    def fake_run(job):
+        rows = [{"id": ex.id, "label": ex.gold_text, "prediction": ex.options[0], "correct": ex.gold == 0,
+                 "prompt": ex.fields["text"]} for ex in job.test]  # fmt: skip
+        return FinetuneResult(rows, {"trainable_parameters": 1, "truncated_inputs": 3})
+
+    monkeypatch.setattr(finetuning, "run_finetune", fake_run)
+    taskfit.run(_experiment(project, "  a:\n    finetune: {max_length: 16}\n"), out=project / "out", lm=fake_lm())
+    assert "runs.a.finetune: 3 input(s) were longer than max_length (16 tokens) and were cut" in caplog.text
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(TaskfitError, match="runs.a.finetune: model.device: cuda, but this torch sees no CUDA GPU"):
+            finetune_cell._check_device("cuda", "runs.a.finetune")
