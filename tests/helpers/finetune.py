@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,3 +74,26 @@ def run_on_two_processes(folder, spec: dict):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def job_from_spec(root: Path, folder: str, task: dict, finetune: dict, model: Path, dtype: str = PRECISION,
+                  device: str = "auto"):  # fmt: skip
+    """A FinetuneJob as a run builds it, from an experiment file written to `root` (one run `ft`,
+    seed 0, the whole test split) with `task` and `finetune` settings; its folder is `root/folder`."""
+    from taskfit.config import ModelConfig, load_experiment
+    from taskfit.finetuning import FinetuneJob
+    from taskfit.tasks import load_task
+
+    path = root / f"exp-{folder}.yaml"
+    path.write_text(json.dumps({"name": "ft", "task": task, "runs": {"ft": {"finetune": finetune}}}))  # JSON is YAML
+    experiment = load_experiment(path)
+    loaded = load_task(experiment)
+    return FinetuneJob(
+        task=loaded,
+        config=experiment.config.runs["ft"].finetune,
+        model=ModelConfig(name=str(model), dtype=dtype, device=device),
+        seed=0,
+        test=loaded.split("test"),
+        folder=root / folder,
+        where="runs.ft.finetune",
+    )

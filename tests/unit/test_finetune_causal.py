@@ -11,14 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.finetune import FAST, PRECISION, killed_after_first_checkpoint, one_thread, run_on_two_processes  # noqa: F401  (autouse fixture)
+from helpers.finetune import (  # noqa: F401  (autouse fixture)
+    FAST,
+    PRECISION,
+    job_from_spec,
+    killed_after_first_checkpoint,
+    one_thread,
+    run_on_two_processes,
+)
 from helpers.tiny import build_tiny_model
-from taskfit.config import ModelConfig, load_experiment
 from taskfit.errors import TaskfitError
 from taskfit.evaluation.text_metrics import exact_match
 from taskfit.finetuning import FinetuneJob, causal, common
 from taskfit.models.base import Request
-from taskfit.tasks import load_task
 
 WORDS = "fox dog food cold lazy quick brown great".split()
 COLOUR = dict(zip(WORDS, ["red", "green", "blue", "red", "green", "blue", "red", "green"]))
@@ -69,19 +74,7 @@ def make_job(
         finetune.setdefault("template", GEN_TEMPLATE)
     else:
         task.update(label="answer", choices="choices")
-    spec = {"name": "ft", "task": {**task, "dev_fraction": 0.25}, "runs": {"ft": {"finetune": finetune}}}
-    (root / f"exp-{folder}.yaml").write_text(json.dumps(spec))
-    experiment = load_experiment(root / f"exp-{folder}.yaml")
-    loaded = load_task(experiment)
-    return FinetuneJob(
-        task=loaded,
-        config=experiment.config.runs["ft"].finetune,
-        model=ModelConfig(name=str(root / "decoder"), dtype=PRECISION),
-        seed=0,
-        test=loaded.split("test"),
-        folder=root / folder,
-        where="runs.ft.finetune",
-    )
+    return job_from_spec(root, folder, {**task, "dev_fraction": 0.25}, finetune, root / "decoder")
 
 
 RECIPES = {"generation": causal.generation, "multiple_choice": causal.multiple_choice}

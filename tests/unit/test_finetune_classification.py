@@ -10,14 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.finetune import PRECISION, SETTINGS, killed_after_first_checkpoint, one_thread, run_on_two_processes  # noqa: F401  (autouse fixture)
+from helpers.finetune import (  # noqa: F401  (autouse fixture)
+    PRECISION,
+    SETTINGS,
+    job_from_spec,
+    killed_after_first_checkpoint,
+    one_thread,
+    run_on_two_processes,
+)
 from helpers.tiny import build_tiny_model
 from helpers.tiny_encoder import build_tiny_encoder, build_tiny_xlnet
-from taskfit.config import ModelConfig, TaskConfig, load_experiment
+from taskfit.config import ModelConfig, TaskConfig
 from taskfit.errors import TaskfitError
 from taskfit.finetuning import FinetuneJob, common, data, training
 from taskfit.finetuning.recipes import run
-from taskfit.tasks import Task, load_task
+from taskfit.tasks import Task
 
 LABELS = ["negative", "positive"]
 WORDS = {"positive": ["good", "great", "nice"], "negative": ["bad", "terrible", "awful"]}
@@ -47,28 +54,8 @@ def root(tmp_path_factory) -> Path:
 
 
 def make_job(root: Path, folder: str, model: str = "encoder", dtype: str = PRECISION, **finetune) -> FinetuneJob:
-    name = f"exp-{folder}.yaml"
-    spec = {
-        "name": "ft",
-        "task": {
-            "type": "classification",
-            "data": {"train": "train.jsonl", "test": "test.jsonl"},
-            "dev_fraction": 0.25,
-        },
-        "runs": {"ft": {"finetune": finetune}},
-    }
-    (root / name).write_text(json.dumps(spec))  # JSON is YAML
-    experiment = load_experiment(root / name)
-    task = load_task(experiment)
-    return FinetuneJob(
-        task=task,
-        config=experiment.config.runs["ft"].finetune,
-        model=ModelConfig(name=str(root / model), dtype=dtype),
-        seed=0,
-        test=task.split("test"),
-        folder=root / folder,
-        where="runs.ft.finetune",
-    )
+    task = {"type": "classification", "data": {"train": "train.jsonl", "test": "test.jsonl"}, "dev_fraction": 0.25}
+    return job_from_spec(root, folder, task, finetune, root / model, dtype)
 
 
 @pytest.fixture(scope="module")

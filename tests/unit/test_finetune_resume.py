@@ -15,12 +15,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers.finetune import PRECISION, SETTINGS, killed_after_first_checkpoint, one_thread  # noqa: F401  (autouse fixture)
+from helpers.finetune import PRECISION, SETTINGS, job_from_spec, killed_after_first_checkpoint, one_thread  # noqa: F401  (autouse fixture)
 from helpers.tiny_encoder import build_tiny_encoder
-from taskfit.config import ModelConfig, load_experiment
 from taskfit.finetuning import FinetuneJob, training
 from taskfit.finetuning.recipes import run
-from taskfit.tasks import load_task
 
 LORA = SETTINGS["lora"]
 """48 train examples, 8 a batch, 12 epochs: 72 steps, evaluated and checkpointed every 6 steps."""
@@ -44,27 +42,8 @@ def root(tmp_path_factory) -> Path:
 
 
 def make_job(root: Path, folder: str, dtype: str = PRECISION, device: str = "auto", **finetune) -> FinetuneJob:
-    spec = {
-        "name": "ft",
-        "task": {
-            "type": "classification",
-            "data": {"train": "train.jsonl", "test": "test.jsonl"},
-            "dev_fraction": 0.25,
-        },
-        "runs": {"ft": {"finetune": finetune}},
-    }
-    (root / f"exp-{folder}.yaml").write_text(json.dumps(spec))  # JSON is YAML
-    experiment = load_experiment(root / f"exp-{folder}.yaml")
-    task = load_task(experiment)
-    return FinetuneJob(
-        task=task,
-        config=experiment.config.runs["ft"].finetune,
-        model=ModelConfig(name=str(root / "encoder"), dtype=dtype, device=device),
-        seed=0,
-        test=task.split("test"),
-        folder=root / folder,
-        where="runs.ft.finetune",
-    )
+    task = {"type": "classification", "data": {"train": "train.jsonl", "test": "test.jsonl"}, "dev_fraction": 0.25}
+    return job_from_spec(root, folder, task, finetune, root / "encoder", dtype, device)
 
 
 @pytest.fixture(scope="module")

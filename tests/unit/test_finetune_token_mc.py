@@ -11,15 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.finetune import PRECISION, SETTINGS, killed_after_first_checkpoint, one_thread  # noqa: F401  (autouse fixture)
+from helpers.finetune import PRECISION, SETTINGS, job_from_spec, killed_after_first_checkpoint, one_thread  # noqa: F401  (autouse fixture)
 from helpers.tiny import build_tiny_model
 from helpers.tiny_encoder import build_tiny_encoder
-from taskfit.config import ModelConfig, load_experiment
 from taskfit.errors import TaskfitError
 from taskfit.finetuning import FinetuneJob, common
 from taskfit.finetuning.multiple_choice import ChoiceCollator, is_encoder, multiple_choice
 from taskfit.finetuning.token_classification import align_labels, encode_words, in_scheme, token_classification
-from taskfit.tasks import load_task
 
 CITIES = "Paris Berlin Madrid Rome".split()
 NOUNS = "food service room staff movie book film show meal trip day hotel place".split()
@@ -68,19 +66,7 @@ def make_job(root: Path, kind: str, folder: str, model: str = "encoder", **finet
     else:
         task = {"type": "multiple_choice", "choices": "options"}
     task |= {"data": {"train": f"{kind}-train.jsonl", "test": f"{kind}-test.jsonl"}, "dev_fraction": 0.25}
-    spec = {"name": "ft", "task": task, "runs": {"ft": {"finetune": finetune}}}
-    (root / f"exp-{folder}.yaml").write_text(json.dumps(spec))  # JSON is YAML
-    experiment = load_experiment(root / f"exp-{folder}.yaml")
-    loaded = load_task(experiment)
-    return FinetuneJob(
-        task=loaded,
-        config=experiment.config.runs["ft"].finetune,
-        model=ModelConfig(name=str(root / model), dtype=PRECISION),
-        seed=0,
-        test=loaded.split("test"),
-        folder=root / folder,
-        where="runs.ft.finetune",
-    )
+    return job_from_spec(root, folder, task, finetune, root / model)
 
 
 RECIPES = {"ner": token_classification, "mc": multiple_choice}
