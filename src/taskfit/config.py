@@ -180,6 +180,12 @@ class PromptConfig(_Strict):
                 f"`demo_sets: {self.demo_sets}` draws sets of demonstrations, but `shots` is 0: the sets would be "
                 "identical and empty; set shots, or remove demo_sets"
             )
+        if self.demo_sets > 1 and self.demos in ("first", "similar") and self.order == "fixed":
+            raise ValueError(
+                f"`demo_sets: {self.demo_sets}` redraws demonstrations with other seeds, but `demos: {self.demos}` "
+                "with `order: fixed` draws the same ones every time (a spread of 0); use `demos: random` or "
+                "`balanced`, or `order: random` for other orders of the same demonstrations"
+            )
         return self
 
     @property

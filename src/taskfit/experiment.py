@@ -184,7 +184,8 @@ def run(
         if k + 1 < len(models):
             gc.collect()  # its reference cycles freed before the next one loads (with the collector paused)
     results = _results(p.cells, per_cell)
-    atomic_write(out_dir / "config.yaml", dump_config(cfg))
+    ran = cfg if seed is None else cfg.model_copy(update={"seed": seed, "seeds": None})  # as run: --seed recorded
+    atomic_write(out_dir / "config.yaml", dump_config(ran))
     keep = {c.label for c in grid(cfg.model_list, cfg.runs, cfg.seed_list)} | set(cfg.runs) | set(results)
     merged = {k: v for k, v in merge_results(out_dir / "results.json", results).items() if k in keep}
     atomic_write(out_dir / "results.json", json.dumps(merged, indent=2))

@@ -145,7 +145,11 @@ def run_finetune_cell(
             result.info["truncated_inputs"],
             config.max_length,
         )
-    identity = {**resolve(cell.model.name).identity, "dtype": result.info.get("dtype", "float32")}
+    identity = {
+        **resolve(cell.model.name).identity,
+        "dtype": result.info.get("dtype", "float32"),
+        "device": result.info.get("device", cell.model.device),
+    }
     extra = {
         "trainable_parameters": result.info.get("trainable_parameters", 0),
         "train_examples": len(train),

@@ -390,3 +390,11 @@ def test_the_resolved_config_a_run_writes_is_a_valid_experiment(project, fake_lm
     taskfit.run(project / "cls.yaml", out=tmp_path / "out", lm=fake_lm(), limit=2)
     written = load_experiment(tmp_path / "out" / "config.yaml").config
     assert written == load_experiment(project / "cls.yaml").config
+
+
+def test_the_resolved_config_records_a_seed_given_on_the_command_line(project, fake_lm, tmp_path):
+    import yaml
+
+    taskfit.run(project / "cls.yaml", out=tmp_path / "out", lm=fake_lm(), limit=2, seed=3)
+    written = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert written["seed"] == 3 and written["seeds"] is None

@@ -383,6 +383,7 @@ def info(
         "merge_max_abs_diff": merge_diff,
         "test_examples_per_process": shares,
         "dtype": "bfloat16 autocast, float32 weights" if training.mixed_precision(job.model) else "float32",
+        "device": "cpu" if training.uses_cpu(job.model.device) else "cuda",
         "base_model": prepared.loaded.identity,
     }
 
