@@ -113,7 +113,8 @@ def test_generation_sft_learns_to_copy(results, method):
     assert _exact(result.rows) >= 0.75
     assert [r["id"] for r in result.rows] == [f"test{i}" for i in range(8)]
     for row in result.rows:
-        assert set(row) == {"id", "label", "references", "prediction", "generations", "prompt"}
+        assert set(row) == {"id", "label", "references", "prediction", "correct", "generations", "prompt"}
+        assert row["correct"] == (_exact([row]) == 1.0)  # what paired tests and the report read
         assert row["prompt"].startswith("Word: ") and row["prompt"].endswith("Copy: ")
         assert row["references"] == [row["label"]]
     info = result.info

@@ -461,3 +461,17 @@ def test_a_list_of_shots_gives_one_cell_per_count_and_a_learning_curve(yesno, tm
     manifest = json.loads((tmp_path / "out" / "r" / "k2" / "manifest.json").read_text())
     assert manifest["config"]["prompt"]["shots"] == 2
     assert 'id="learning-curve"' in write_report(tmp_path / "out").read_text()
+
+
+def test_generation_rows_say_whether_they_are_correct(tmp_path):
+    """`correct` (an exact match of a reference, normalized) is what paired tests and the report's
+    wrong-predictions section read; generation rows lacked it."""
+    rows = [{"id": "a", "q": "France?", "target": "Paris"}, {"id": "b", "q": "Italy?", "target": ["Rome", "Roma"]}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "exp.yaml").write_text(
+        "name: g\ntask: {type: generation, data: {test: test.jsonl}, label: target}\n"
+        'runs:\n  r:\n    prompt: {template: "Q: {{ q }}\\nA: {{ answer }}"}\n'
+    )
+    lm = ScriptedLM(script=lambda ctx, s, seed: " the Paris." if "France" in ctx else " Milan")
+    taskfit.run(tmp_path / "exp.yaml", out=tmp_path / "out", lm=lm)
+    assert [r["correct"] for r in rows_of(tmp_path / "out")] == [True, False]

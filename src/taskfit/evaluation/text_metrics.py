@@ -50,6 +50,12 @@ def _is_punct(ch: str) -> bool:
     return ch in _ASCII_PUNCT or unicodedata.category(ch).startswith("P")
 
 
+def is_exact(prediction: str, references: Reference) -> bool:
+    """Whether a prediction is an exact match (after `normalize_answer`) of one of its references:
+    the `correct` of a generation row, which paired tests and the report read."""
+    return bool(exact_match([prediction], [references])[0])
+
+
 def exact_match(preds: Sequence[str], refs: Sequence[Reference]) -> list[float]:
     """1.0 where the normalized prediction equals a normalized reference, else 0.0."""
     return [_best(pred, options, _em) for pred, options in _pairs(preds, refs)]

@@ -30,6 +30,7 @@ import torch
 
 from taskfit.data import Example
 from taskfit.errors import TaskfitError
+from taskfit.evaluation.text_metrics import is_exact
 from taskfit.finetuning import FinetuneJob, FinetuneResult, common, data, training
 from taskfit.models.hf import encode_pairs
 from taskfit.prompting.template import Rendered, Template
@@ -398,7 +399,8 @@ def _generate(
                 "id": ex.id,
                 "label": ex.gold_text,
                 "references": list(ex.options),
-                "prediction": answer_of(text, ctx.after),
+                "prediction": (answer := answer_of(text, ctx.after)),
+                "correct": is_exact(answer, list(ex.options)),
                 "generations": [text],
                 "prompt": ctx.before,
             }

@@ -15,6 +15,7 @@ from typing import Any
 
 from taskfit.config import PromptConfig
 from taskfit.data import Example
+from taskfit.evaluation.text_metrics import is_exact
 from taskfit.models.base import LM, GenerationRequest, Request
 from taskfit.prompting.builder import Context, PromptBuilder, generation_prompt, generation_request
 from taskfit.prompting.extract import extract, majority_text, majority_vote, match_option, vote_shares
@@ -58,6 +59,7 @@ class GenerateStrategy:
         answers = [t.strip() if a is None else a.strip() for a, t in zip(answers, texts)]
         prediction, agreement = majority_text(answers)
         row = {"id": ex.id, "label": ex.gold_text, "references": list(ex.options), "prediction": prediction}
+        row["correct"] = is_exact(prediction, row["references"])
         row["generations"] = texts
         if self.pattern is not None:
             row["extraction_failed"] = sum(failed) / len(failed)
