@@ -44,8 +44,17 @@ def _prompt(where: str, prompt: PromptConfig, task_type: str) -> list[str]:
         notes += [f"{where}.{key}: not used without `chain_of_thought: true`" for key in REASONING if key in given]
     if not any(prompt.shots if isinstance(prompt.shots, list) else [prompt.shots]):
         notes += [f"{where}.{key}: not used with `shots: 0`" for key in DEMONSTRATIONS if key in given]
-    if task_type == "generation" and "normalize" in given:
-        notes.append(f"{where}.normalize: not used on a generation task (it normalizes option scores)")
+    if task_type in ("generation", "token_classification"):  # no options to score
+        notes += [
+            f"{where}.{key}: not used on a {task_type} task (it applies to scored answer options)"
+            for key in ("normalize", "answer_pooling")
+            if key in given
+        ]
+        if prompt.vote == "mean_prob":
+            notes.append(f"{where}.vote: mean_prob averages option probabilities; a {task_type} task votes by majority")
+    if generates and prompt.temperature == 0:
+        greedy = [key for key in ("top_p", "top_k") if key in given]
+        notes += [f"{where}.{key}: not used: greedy decoding (temperature 0)" for key in greedy]
     return notes
 
 

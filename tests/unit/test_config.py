@@ -498,3 +498,21 @@ def test_finetuning_settings_a_head_never_reads_are_named(write_yaml):
         "runs.t.finetune.packing: not used: classification fine-tuning trains a head on the input text",
         "task.dev_fraction: not used: the dev split comes from `task.data.dev`",
     ]
+
+
+def test_settings_a_generation_task_never_reads_are_named(write_yaml):
+    from taskfit.ignored import ignored_settings
+
+    base = BASE[: BASE.index("task:")]
+    text = base + (
+        "task: {type: generation, data: {test: gen.jsonl}, label: target}\nruns:\n  g:\n    prompt:\n"
+        '      template: "Q: {{ q }} A: {{ answer }}"\n      answer_pooling: mean\n      vote: mean_prob\n'
+        "      top_p: 0.9\n"
+    )
+    (write_yaml(text).parent / "gen.jsonl").write_text('{"id": "a", "q": "x", "target": "y"}\n')
+    notes = ignored_settings(load_experiment(write_yaml(text)).config, "generation")
+    assert notes == [
+        "runs.g.prompt.answer_pooling: not used on a generation task (it applies to scored answer options)",
+        "runs.g.prompt.vote: mean_prob averages option probabilities; a generation task votes by majority",
+        "runs.g.prompt.top_p: not used: greedy decoding (temperature 0)",
+    ]
