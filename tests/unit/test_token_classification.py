@@ -254,6 +254,12 @@ def test_parse_multi_token_spans_and_repeated_words():
     assert two.unparsed == ["paris: loc"] and two.failed == pytest.approx(1 / 3)
 
 
+@pytest.mark.parametrize("answer", ["Paris: LOC\nParis Hilton: PER", "Paris Hilton: PER\nParis: LOC"])
+def test_parse_places_the_longest_spans_first_whatever_the_line_order(answer):
+    parsed = parse_entities(answer, ["Paris", "Hilton", "visited", "Paris", "."], TYPES)
+    assert parsed.spans == [("PER", 0, 1), ("LOC", 3, 3)] and parsed.unparsed == []
+
+
 def test_parse_counts_unknown_types_missing_colons_and_unmatched_spans():
     tokens = ["Bob", "met", "Alice", "."]
     parsed = parse_entities("Bob: PER\nAlice: ANIMAL\nCarol: PER\njust text\n- Alice: PER", tokens, TYPES)

@@ -12,8 +12,9 @@ one per line as `entity text: TYPE`, and the lines are matched back to the token
   empty line names no entity; otherwise the line is split at its last colon into span and
   type. The type is matched to the task's entity types ignoring case and surrounding
   punctuation. The span, its surrounding punctuation removed (`Paris.` is `Paris`), is
-  matched to the first run of not yet used tokens whose text equals it ignoring case,
-  Unicode form (NFKC) and whitespace, so `John's` finds the tokens `John 's`; failing that,
+  matched, the longest spans first, to the first run of not yet used tokens whose text equals
+  it ignoring case, Unicode form (NFKC) and whitespace, so `John's` finds the tokens `John 's`
+  (and `Paris Hilton` takes its tokens before `Paris` looks for its own); failing that,
   the span as written (so `U.S.` finds the token `U.S.`). Lines without a colon, with an
   unknown type or with a span not found are ignored, listed in the row's `unparsed`, and
   counted: `parse_failed` is the fraction of the row's entity lines that were ignored (0.0
@@ -72,25 +73,31 @@ class Parsed:
 
 
 def parse_entities(text: str, tokens: list[str], types: list[str]) -> Parsed:
-    """Match each `span: TYPE` line of `text` to the first unused occurrence in `tokens`."""
+    """Match each `span: TYPE` line of `text` to the first unused occurrence in `tokens`, the
+    longest spans first: `Paris Hilton` takes its tokens before `Paris` looks for its own,
+    whatever order the lines come in."""
     by_name = {canonical(t): t for t in types}
     token_keys = [_key(t) for t in tokens]
     used = [False] * len(tokens)
     out = Parsed()
-    for raw in text.splitlines():
+    entries = []  # (line index, raw line, span text, type)
+    for raw in re.split(r"\r?\n", text):  # newlines only: str.splitlines also splits at \x0b, \x1c, U+2028
         line = _BULLET.sub("", unicodedata.normalize("NFKC", raw)).strip()
         if not line or canonical(line) == NONE:
             continue
         out.lines += 1
         span_text, colon, type_text = line.rpartition(":")
-        kind = by_name.get(canonical(type_text)) if colon else None
+        entries.append((len(entries), raw, span_text, by_name.get(canonical(type_text)) if colon else None))
+    failed = set()
+    for i, _raw, span_text, kind in sorted(entries, key=lambda e: -len(_key(canonical(e[2])))):
         found = _find(span_text, token_keys, used) if kind else None
         if found is None:
-            out.unparsed.append(raw)
+            failed.add(i)
             continue
         start, end = found
         used[start : end + 1] = [True] * (end - start + 1)
         out.spans.append((kind, start, end))
+    out.unparsed = [raw for i, raw, _, _ in entries if i in failed]  # in the order written
     out.spans.sort(key=lambda s: s[1])
     return out
 
