@@ -186,7 +186,8 @@ def run(
     results = _results(p.cells, per_cell)
     ran = cfg if seed is None else cfg.model_copy(update={"seed": seed, "seeds": None})  # as run: --seed recorded
     atomic_write(out_dir / "config.yaml", dump_config(ran))
-    keep = {c.label for c in grid(cfg.model_list, cfg.runs, cfg.seed_list)} | set(cfg.runs) | set(results)
+    every = grid(cfg.model_list, cfg.runs, cfg.seed_list)  # results of runs not run now stay
+    keep = {c.label for c in every} | {_spread_key(c) for c in every} | set(cfg.runs) | set(results)
     merged = {k: v for k, v in merge_results(out_dir / "results.json", results).items() if k in keep}
     atomic_write(out_dir / "results.json", json.dumps(merged, indent=2))
     return results
@@ -239,13 +240,20 @@ def _results(cells: list[Cell], per_cell: dict[Cell, dict]) -> dict[str, Any]:
     results = {label: aggregate_seeds(seeds) for label, seeds in by_label.items()}
     variants: dict[str, list[str]] = {}
     for cell in cells:
-        if cell.template is not None or cell.demo_set is not None:
-            setting = f"k{cell.shots}" if cell.shots is not None else ""
-            model = cell.label[cell.label.index("]") + 1 :]  # @model, if any
-            key = (f"{cell.run}[{setting}]" if setting else cell.run) + model
+        if (key := _spread_key(cell)) is not None:
             variants.setdefault(key, [])
             if cell.label not in variants[key]:
                 variants[key].append(cell.label)
     for key, labels in variants.items():
         results[key] = spread({label: results[label] for label in labels})
     return results
+
+
+def _spread_key(cell: Cell) -> str | None:
+    """The results.json key of the spread a cell belongs to: its run (with its number of shots,
+    and @model), where it is one of several templates or demonstration sets; else None."""
+    if cell.template is None and cell.demo_set is None:
+        return None
+    setting = f"k{cell.shots}" if cell.shots is not None else ""
+    model = cell.label[cell.label.index("]") + 1 :]  # @model, if any
+    return (f"{cell.run}[{setting}]" if setting else cell.run) + model

@@ -376,6 +376,13 @@ def test_a_spread_is_over_templates_or_demo_sets_at_each_number_of_shots(yesno, 
     )
     assert results["r[k1]"]["variants"] == ["r[k1-d0]", "r[k1-d1]"]
     assert results["r[k2]"]["variants"] == ["r[k2-d0]", "r[k2-d1]"] and "r" not in results
+    (tmp_path / "two.yaml").write_text(
+        (tmp_path / "exp.yaml").read_text()
+        + '  other:\n    prompt:\n      template: "Q: {{ question }} {{ answer }}"\n'
+    )
+    taskfit.run(tmp_path / "two.yaml", out=tmp_path / "out", lm=ScriptedLM(), only=["other"])
+    kept = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {"r[k1]", "r[k2]", "other"} <= set(kept)  # a run not run now keeps its spreads
 
 
 def test_demo_sets_redraw_demonstrations(yesno, tmp_path):
