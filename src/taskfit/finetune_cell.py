@@ -163,15 +163,18 @@ def run_finetune_cell(
 
 def job_key(cell: Cell, config: FinetuneConfig, task: Task, splits: tuple[Sequence[Example], ...]) -> str:
     """What a fine-tuning cell's results depend on: its settings, seed, model (weights' hash,
-    dtype, device), task, the train / dev / test examples and how taskfit computes (`COMPUTATION`,
-    version). A cell whose manifest holds the same key is not trained again."""
+    dtype and device as set and as resolved), task, the train / dev / test examples and how
+    taskfit computes (`COMPUTATION`, version). A cell whose manifest holds the same key is not
+    trained again."""
     import taskfit
     from taskfit.finetuning.data import fingerprint
+    from taskfit.finetuning.training import mixed_precision, uses_cpu
     from taskfit.models.registry import resolve
     from taskfit.store import COMPUTATION
 
     examples = [[(ex.id, ex.fields) for ex in split] for split in splits]
-    model = (resolve(cell.model.name).identity, cell.model.model_dump(mode="json"))
+    resolved = (mixed_precision(cell.model), uses_cpu(cell.model.device))  # `auto` differs between machines
+    model = (resolve(cell.model.name).identity, cell.model.model_dump(mode="json"), resolved)
     settings = (config.model_dump(mode="json"), task.config.model_dump(mode="json"), cell.seed)
     return fingerprint(settings, model, examples, COMPUTATION, taskfit.__version__)
 
