@@ -103,6 +103,10 @@ def test_majority_vote_ties_go_to_the_first_seen_and_failures_count():
     assert majority_vote([None, 2, None]) == (2, pytest.approx(1 / 3))
     assert majority_vote([None, None]) == (None, 0.0)
     assert majority_text(["Paris", "paris.", "Lyon"]) == ("Paris", pytest.approx(2 / 3))
+    # grouped as exact match compares answers (articles too), and an empty answer does not win
+    assert majority_text(["the Paris", "Paris", "Lyon", "Lyon"]) == ("the Paris", 0.5)  # a tie: first written
+    assert majority_text(["", "", "Paris", "Lyon", "Rome"]) == ("Paris", 0.2)
+    assert majority_text(["", " "]) == ("", 1.0)
 
 
 # ---------------------------------------------------------------- chain of thought and voting

@@ -63,9 +63,13 @@ def vote_shares(choices: Sequence[int | None], n_options: int) -> list[float]:
 
 
 def majority_text(texts: Sequence[str]) -> tuple[str, float]:
-    """For free text: the most frequent answer after `canonical`, returned as first written."""
-    keys = [canonical(t) for t in texts]
-    counts = Counter(keys)
+    """For free text: the most frequent answer, as exact match compares answers
+    (`normalize_answer`: case, punctuation, articles, spaces), returned as first written; an
+    empty answer wins only when every sample is empty. Ties go to the first written."""
+    from taskfit.evaluation.text_metrics import normalize_answer
+
+    keys = [normalize_answer(t) for t in texts]
+    counts = Counter(k for k in keys if k) or Counter(keys)
     top = max(counts.values())
-    index = next(i for i, k in enumerate(keys) if counts[k] == top)
+    index = next(i for i, k in enumerate(keys) if k in counts and counts[k] == top)
     return texts[index], top / len(texts)
