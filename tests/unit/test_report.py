@@ -140,7 +140,8 @@ def _add_finetuning_cell(folder: Path) -> None:
     target.mkdir(parents=True)
     manifest = json.loads((source / "manifest.json").read_text(encoding="utf-8"))
     finetune = {"method": "lora", "epochs": 1}
-    manifest.update(run="ft", label="ft", folder="ft/tiny/seed-0", finetune=finetune, train_size=9)
+    info = {"train_time_s": 12.5, "train_tokens_per_s": 3400.0}  # what a fine-tuning run records
+    manifest.update(run="ft", label="ft", folder="ft/tiny/seed-0", finetune=info, train_size=9)
     manifest.update(trainable_parameters=4096, config={"finetune": finetune})
     (target / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     rows = [json.loads(line) for line in (source / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -175,6 +176,8 @@ def test_stored_comparison_no_results_json_and_a_finetuning_cell(cls_dir: Path):
     assert _figure_names(html) == CLS_PLOTS | {"confusion-03-ft"}
     assert "<td>training examples</td>" in _table(html, "learning-curve")
     assert "<td>ft</td>" in _table(html, "results") and "<td>ft</td>" not in _table(html, "calibration")
+    cost = _table(html, "cost")
+    assert "training tokens/s" in cost and '<td class="num">12.5</td><td class="num">3,400</td>' in cost
 
 
 def test_single_cell_multiple_choice(write_yaml, fake_lm, project):

@@ -63,12 +63,32 @@ def cost_panels(points: list[dict]) -> list[tuple[str, list[float], list[float],
     return panels
 
 
-COLUMNS = ["run", "wall time per seed (s)", "examples/s", "peak RSS (MB)", "trainable parameters", "requests computed"]
+COLUMNS = [
+    "run",
+    "wall time per seed (s)",
+    "examples/s",
+    "peak RSS (MB)",
+    "trainable parameters",
+    "requests computed",
+    "training per seed (s)",
+    "training tokens/s",
+]
 
 
 def cost_table(data: ReportData, metric: str) -> Table:
-    rows = [_cost_row(g.cells) + [num(g.result.get(metric))] for g in data.groups if g.cells]
-    return Table([*COLUMNS, metric], rows, "cost", numeric=[False] + [True] * 6)
+    rows = [_cost_row(g.cells) + _training_row(g.cells) + [num(g.result.get(metric))] for g in data.groups if g.cells]
+    return Table([*COLUMNS, metric], rows, "cost", numeric=[False] + [True] * (len(COLUMNS)))
+
+
+def _training_row(cells: list) -> list[str]:
+    """A fine-tuning run's training time and throughput (as its manifests' `finetune` record them)."""
+    stats = [c.manifest.get("finetune") or {} for c in cells]
+    times = [s["train_time_s"] for s in stats if isinstance(s.get("train_time_s"), int | float)]
+    speeds = [s["train_tokens_per_s"] for s in stats if isinstance(s.get("train_tokens_per_s"), int | float)]
+    return [
+        num(statistics.fmean(times), 1) if times else DASH,
+        f"{statistics.fmean(speeds):,.0f}" if speeds else DASH,
+    ]
 
 
 def _cost_row(cells: list) -> list[str]:
