@@ -167,6 +167,26 @@ def test_tag_schemes_and_encoding():
     assert spans(["PER", "PER", "O", "LOC", "LOC"]) == [("PER", 0, 1), ("LOC", 3, 4)]  # plain = IO
 
 
+def test_bio_tags_used_as_iob1_are_written_as_iob1():
+    """Data whose entities start with I- (IOB1: B- only right after an entity of the same type)
+    gets its predictions in IOB1, so token accuracy compares like with like."""
+    from types import SimpleNamespace
+
+    from taskfit.tasks.token_classification import task_scheme
+
+    found = [("PER", 0, 1), ("LOC", 3, 3), ("LOC", 4, 4)]
+    assert encode(found, 5, "iob1") == ["I-PER", "I-PER", "O", "I-LOC", "B-LOC"]
+    assert spans(encode(found, 5, "iob1")) == found
+
+    def task(*sequences):
+        examples = [SimpleNamespace(fields={"tags": list(t)}) for t in sequences]
+        config = SimpleNamespace(label="tags")
+        return SimpleNamespace(tags=("O", "B-LOC", "I-LOC", "I-PER"), config=config, split=lambda s: examples)
+
+    assert task_scheme(task(["I-PER", "I-PER", "O", "I-LOC", "B-LOC"])) == "iob1"
+    assert task_scheme(task(["B-PER", "I-PER", "O", "B-LOC"])) == "bio"
+
+
 # ---------------------------------------------------------------- metrics
 
 

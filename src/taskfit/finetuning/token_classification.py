@@ -26,7 +26,7 @@ import torch
 
 from taskfit.evaluation.token_metrics import scores_from_counts, sentence_counts
 from taskfit.finetuning import FinetuneJob, FinetuneResult, common, data, training
-from taskfit.tasks.token_classification import OUTSIDE, encode, spans, tag_scheme, tags_of, tokens_of
+from taskfit.tasks.token_classification import OUTSIDE, encode, spans, tags_of, task_scheme, tokens_of
 
 IGNORE = -100
 """Label of positions without a loss: later sub-tokens of a word, special tokens, padding."""
@@ -38,7 +38,7 @@ def token_classification(job: FinetuneJob) -> FinetuneResult:
     from transformers import DataCollatorForTokenClassification
 
     tags = list(job.task.tags)
-    scheme = tag_scheme(tags)
+    scheme = task_scheme(job.task)
     head = {"num_labels": len(tags), "id2label": dict(enumerate(tags)), "label2id": {t: i for i, t in enumerate(tags)}}
     # setup
     cfg = job.task.config

@@ -36,7 +36,7 @@ from taskfit.models.base import LM
 from taskfit.prompting.builder import Context, PromptBuilder, generation_request
 from taskfit.prompting.extract import canonical
 from taskfit.tasks import Task
-from taskfit.tasks.token_classification import Span, encode, entity_types, spans, tag_scheme
+from taskfit.tasks.token_classification import Span, encode, entity_types, spans, task_scheme
 
 NONE = "none"
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
@@ -139,7 +139,7 @@ class EntityStrategy:
         self.cfg, self.task, self.where, self.seed = cfg, task, where, seed
         self.builder = PromptBuilder(cfg, task, seed, where, template, chat)
         self.types = entity_types(task.tags or ())
-        self.scheme = tag_scheme(task.tags or ())
+        self.scheme = task_scheme(task)
         self.stop = tuple(cfg.stop) if cfg.stop is not None else self._default_stop(template)
 
     def _default_stop(self, template: str) -> tuple[str, ...]:

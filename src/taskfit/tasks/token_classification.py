@@ -38,7 +38,7 @@ OUTSIDE = "O"
 _PREFIXED = re.compile(r"^([BIES])-(.+)$", re.DOTALL)
 _PREFIX_ORDER = {"B": 0, "I": 1, "E": 2, "S": 3}
 
-Scheme = Literal["bio", "io", "iobes", "plain"]
+Scheme = Literal["bio", "iob1", "io", "iobes", "plain"]
 Span = tuple[str, int, int]
 """(entity type, first token, last token), the last inclusive as in seqeval."""
 
@@ -132,6 +132,27 @@ def tag_scheme(tags: list[str] | tuple[str, ...], where: str = "task.tags") -> S
     return "bio" if any(t[0] == "B" for t in prefixed) else "io"
 
 
+def task_scheme(task) -> Scheme:
+    """The scheme predictions are written in: the tag set's (`tag_scheme`), where BIO tags are
+    used as IOB1 by the data (an entity may start with `I-`; `B-` only starts one right after
+    another of its type) `iob1`, so that predictions agree with gold token by token."""
+    scheme = tag_scheme(task.tags or ())
+    if scheme == "bio" and any(
+        _starts_inside(tags_of(ex, task.config)) for split in ("train", "dev", "test") for ex in task.split(split)
+    ):
+        return "iob1"
+    return scheme
+
+
+def _starts_inside(tags: list[str]) -> bool:
+    previous = OUTSIDE
+    for tag in tags:
+        if tag.startswith("I-") and previous[2:] != tag[2:]:
+            return True
+        previous = tag
+    return False
+
+
 def entity_types(tags: tuple[str, ...] | list[str]) -> list[str]:
     """The entity types of a tag set, in the order they first appear."""
     types: dict[str, None] = {}
@@ -190,7 +211,7 @@ def spans(tags: list[str]) -> list[Span]:
 def encode(found: list[Span], length: int, scheme: Scheme) -> list[str]:
     """Tags for `length` tokens with the entities `found` (non-overlapping), in `scheme`."""
     tags = [OUTSIDE] * length
-    for kind, start, end in found:
+    for kind, start, end in sorted(found, key=lambda span: span[1]):
         for i in range(start, end + 1):
             if scheme == "plain":
                 tags[i] = kind
@@ -198,6 +219,9 @@ def encode(found: list[Span], length: int, scheme: Scheme) -> list[str]:
                 tags[i] = f"I-{kind}"
             elif scheme == "iobes" and start == end:
                 tags[i] = f"S-{kind}"
+            elif scheme == "iob1":  # B- only where an entity of its type ends right before
+                after_same = i == start and start > 0 and tags[start - 1][2:] == kind
+                tags[i] = f"B-{kind}" if after_same else f"I-{kind}"
             elif i == start:
                 tags[i] = f"B-{kind}"
             else:
