@@ -4,7 +4,8 @@
 
 The articles are read from the package's text files (its loader prints and loads
 everything on import). Each example is an article's first 600 characters; the split is
-stratified and seeded: 80 train, 20 dev and 50 test articles per topic.
+stratified and seeded: 80 train, 20 dev and 50 test articles per topic, less the train
+articles whose text is also a dev or test article's (the corpus repeats a few).
 """
 
 from __future__ import annotations
@@ -38,9 +39,17 @@ def main() -> None:
                 text = " ".join(f.read_text(encoding="latin-1").split())[:600]
                 splits[split].append({"id": f"{topic}-{f.stem}", "text": text, "label": topic})
             start += count
+    # The corpus holds a few articles twice: one in train and one in test would be trained on and
+    # tested on. Train drops them (after its shuffle, so dev and test are drawn as before).
+    held = {r["text"] for split in ("dev", "test") for r in splits[split]}
     for split, rows in splits.items():
         rng.shuffle(rows)
-        (HERE / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        if split == "train":
+            rows = [r for r in rows if r["text"] not in held]
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        target = HERE / f"{split}.jsonl"
+        if not target.is_file() or target.read_text(encoding="utf-8") != text:  # a run reading it is left alone
+            target.write_text(text, encoding="utf-8")
         print(f"{split}: {len(rows)} articles")
 
 
