@@ -122,9 +122,10 @@ def _comparison_target(path: Path) -> Path:
         raise TaskfitError(f"--out {path}: a folder; give a file name, e.g. {path / 'comparison.json'}.")
     if path.exists():
         try:
-            ours = "comparisons" in json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, TypeError):
-            ours = False
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            loaded = None
+        ours = isinstance(loaded, dict) and "comparisons" in loaded
         if not ours:
             raise TaskfitError(
                 f"--out {path}: this file exists and is not a comparison written by taskfit; it was left as it "
