@@ -175,7 +175,7 @@ class PromptConfig(_Strict):
             )
         if self.extract is not None:
             _check_regex(self.extract)
-        if self.demo_sets > 1 and not any(self.shots if isinstance(self.shots, list) else [self.shots]):
+        if self.demo_sets > 1 and not any(self.shot_counts):
             raise ValueError(
                 f"`demo_sets: {self.demo_sets}` draws sets of demonstrations, but `shots` is 0: the sets would be "
                 "identical and empty; set shots, or remove demo_sets"
@@ -191,6 +191,11 @@ class PromptConfig(_Strict):
     @property
     def template_list(self) -> list[str]:
         return self.templates or [self.template]
+
+    @property
+    def shot_counts(self) -> list[int]:
+        """`shots` as a list (one number of demonstrations, or several)."""
+        return self.shots if isinstance(self.shots, list) else [self.shots]
 
     @property
     def generates(self) -> bool:

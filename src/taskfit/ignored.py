@@ -42,7 +42,7 @@ def _prompt(where: str, prompt: PromptConfig, task_type: str) -> list[str]:
         ]
     if not prompt.chain_of_thought:
         notes += [f"{where}.{key}: not used without `chain_of_thought: true`" for key in REASONING if key in given]
-    if not any(prompt.shots if isinstance(prompt.shots, list) else [prompt.shots]):
+    if not any(prompt.shot_counts):
         notes += [f"{where}.{key}: not used with `shots: 0`" for key in DEMONSTRATIONS if key in given]
     if task_type in ("generation", "token_classification"):  # no options to score
         notes += [
