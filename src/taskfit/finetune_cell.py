@@ -119,7 +119,8 @@ def run_finetune_cell(
     reset_peak_memory()
     start = time.perf_counter()
     train, _, dev = sized_splits(task, cell.train_size, cell.seed)
-    key = job_key(cell, config, task, (train, dev, test))
+    source = resolve(cell.model.name).identity  # hashes the weights (remembered): once per cell
+    key = job_key(cell, config, task, (train, dev, test), source)
     done = _finished(out_dir / cell.folder, key)
     if done is not None:
         log.info("%s: finished earlier with these settings and data; its results are kept", cell.folder)
@@ -146,7 +147,7 @@ def run_finetune_cell(
             config.max_length,
         )
     identity = {
-        **resolve(cell.model.name).identity,
+        **source,
         "dtype": result.info.get("dtype", "float32"),
         "device": result.info.get("device", cell.model.device),
     }
@@ -161,20 +162,21 @@ def run_finetune_cell(
     return write_cell(cell, task, inputs, identity, extra, out_dir, root, start, tracker)
 
 
-def job_key(cell: Cell, config: FinetuneConfig, task: Task, splits: tuple[Sequence[Example], ...]) -> str:
-    """What a fine-tuning cell's results depend on: its settings, seed, model (weights' hash,
-    dtype and device as set and as resolved), task, the train / dev / test examples and how
-    taskfit computes (`COMPUTATION`, version). A cell whose manifest holds the same key is not
-    trained again."""
+def job_key(
+    cell: Cell, config: FinetuneConfig, task: Task, splits: tuple[Sequence[Example], ...], source: dict[str, Any]
+) -> str:
+    """What a fine-tuning cell's results depend on: its settings, seed, model (`source`, the
+    registry's identity with the weights' hash; dtype and device as set and as resolved), task,
+    the train / dev / test examples and how taskfit computes (`COMPUTATION`, version). A cell
+    whose manifest holds the same key is not trained again."""
     import taskfit
     from taskfit.finetuning.data import fingerprint
     from taskfit.finetuning.training import mixed_precision, uses_cpu
-    from taskfit.models.registry import resolve
     from taskfit.store import COMPUTATION
 
     examples = [[(ex.id, ex.fields) for ex in split] for split in splits]
     resolved = (mixed_precision(cell.model), uses_cpu(cell.model.device))  # `auto` differs between machines
-    model = (resolve(cell.model.name).identity, cell.model.model_dump(mode="json"), resolved)
+    model = (source, cell.model.model_dump(mode="json"), resolved)
     settings = (config.model_dump(mode="json"), task.config.model_dump(mode="json"), cell.seed)
     return fingerprint(settings, model, examples, COMPUTATION, taskfit.__version__)
 
