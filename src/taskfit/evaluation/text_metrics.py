@@ -18,9 +18,7 @@ import string
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
-
-import sacrebleu
-from rouge_score import rouge_scorer
+from functools import cache
 
 Reference = str | Sequence[str]
 """One example's reference: a string, or the list of acceptable strings."""
@@ -94,9 +92,15 @@ class _UnicodeRougeTokenizer:
         return self._TOKEN.findall(unicodedata.normalize("NFC", text).lower())
 
 
-# No stemming (use_stemmer=False): the Porter stemmer is English-only and would silently
-# mangle other languages; scores are therefore those of `rouge-score` without `--stem`.
-_ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=_UnicodeRougeTokenizer())
+@cache
+def _rouge_scorer():
+    """rouge-score's ROUGE-L scorer, made at first use: importing rouge-score imports nltk, and
+    with it scipy.stats and scikit-learn (~1 s), which a run that scores no text never needs.
+    No stemming (use_stemmer=False): the Porter stemmer is English-only and would silently
+    mangle other languages; scores are therefore those of `rouge-score` without `--stem`."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=_UnicodeRougeTokenizer())
 
 
 def rouge_l(preds: Sequence[str], refs: Sequence[Reference]) -> list[float]:
@@ -107,13 +111,15 @@ def rouge_l(preds: Sequence[str], refs: Sequence[Reference]) -> list[float]:
 
 
 def _rouge_l(pred: str, ref: str) -> float:
-    return float(_ROUGE.score(ref, pred)["rougeL"].fmeasure)  # score(target, prediction)
+    return float(_rouge_scorer().score(ref, pred)["rougeL"].fmeasure)  # score(target, prediction)
 
 
 def bleu(preds: Sequence[str], refs: Sequence[Reference], *, tokenize: str = "13a") -> float:
     """Corpus BLEU from sacrebleu's `corpus_bleu` with its defaults (case-sensitive, raw
     text, 13a tokenizer, exp smoothing), divided by 100 to lie in 0-1. Pass
     `tokenize="zh"`, `"ja-mecab"` or `"flores200"` for text without spaces between words."""
+    import sacrebleu  # imported here: it takes ~0.1 s, and most runs score no text
+
     hyps, streams = _sacrebleu_args(preds, refs)
     return sacrebleu.corpus_bleu(hyps, streams, tokenize=tokenize).score / 100
 
@@ -121,6 +127,8 @@ def bleu(preds: Sequence[str], refs: Sequence[Reference], *, tokenize: str = "13
 def chrf(preds: Sequence[str], refs: Sequence[Reference]) -> float:
     """Corpus chrF (character 6-grams, beta 2) from sacrebleu's `corpus_chrf` with its
     defaults, divided by 100 to lie in 0-1."""
+    import sacrebleu
+
     hyps, streams = _sacrebleu_args(preds, refs)
     return sacrebleu.corpus_chrf(hyps, streams).score / 100
 
