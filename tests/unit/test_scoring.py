@@ -28,6 +28,12 @@ def lm(tiny_folder):
     return HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
 
 
+@pytest.fixture(scope="module")
+def hf_lm(tiny_folder):
+    """On transformers' model (the tiny Llama otherwise scores on taskfit's own, see `llama`)."""
+    return HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"), own_llama=False)
+
+
 def naive(lm: HFLM, req: Request) -> tuple[float, bool]:
     """One full forward over context+continuation, log-softmax over every position."""
     ctx, cont = lm._encode_pair(req.context, req.continuation)
@@ -456,14 +462,14 @@ def test_prefixes_reach_attention_per_span_and_through_a_cache_without_buckets(t
     templates = [DEMOS, DEMOS.replace("Question", "Q").replace("Answer", "A")]
     reqs = [Request(d + r.context, r.continuation, len(d)) for d in templates for r in requests()[:8]]
     reqs += requests()[8:12]  # and rows without a prefix
-    lm = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
+    lm = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"), own_llama=False)
     caches = []
     real_cache = scoring.batch_cache
     monkeypatch.setattr(scoring, "batch_cache", lambda *a: caches.append(a) or real_cache(*a))
     monkeypatch.setattr(scoring, "BATCH_OVERHEAD", 10_000)  # every row in one batch
     bucketed = lm.loglikelihood(reqs)
     assert caches == []
-    eager = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"))
+    eager = HFLM.load(ModelConfig(name=str(tiny_folder), dtype="float32", device="cpu"), own_llama=False)
     eager.model.config._attn_implementation = "eager"
     assert eager.loglikelihood(reqs) == pytest.approx(bucketed, abs=1e-5)
     assert caches and len({id(kv) for kv in caches[0][0]}) == 3  # two prefixes and none, in one batch
@@ -544,8 +550,8 @@ def test_rows_attend_at_their_own_width_whatever_their_batch():
     )
 
 
-def test_every_layer_attends_through_the_buckets_and_the_model_keeps_its_attention(lm, monkeypatch):
-
+def test_every_layer_attends_through_the_buckets_and_the_model_keeps_its_attention(hf_lm, monkeypatch):
+    lm = hf_lm
     plans = []
     real = attention._Buckets
 
@@ -562,7 +568,7 @@ def test_every_layer_attends_through_the_buckets_and_the_model_keeps_its_attenti
         assert lp == pytest.approx(naive(lm, req)[0], abs=1e-4)
 
 
-def test_sdpa_runs_without_copies_of_the_key_value_heads_and_gives_the_same_bits(lm, monkeypatch):
+def test_sdpa_runs_without_copies_of_the_key_value_heads_and_gives_the_same_bits(hf_lm, monkeypatch):
     """On CPU, transformers' sdpa is called directly with `enable_gqa` (the tiny model has 4 query
     and 2 key/value heads) instead of through transformers' function, which copies each key/value
     head per query head where a mask is given: the same scores, bit for bit."""
@@ -576,6 +582,7 @@ def test_sdpa_runs_without_copies_of_the_key_value_heads_and_gives_the_same_bits
         return real_sdpa(*args, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    lm = hf_lm
     direct = lm.loglikelihood(reqs)
     assert grouped and all(grouped)
     real_buckets = attention._Buckets

@@ -132,10 +132,31 @@ def _prefix_keys(caches: list, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([x.keys for x in layers]), torch.cat([x.values for x in layers])
 
 
+def _sdpa(module, query, key, value, attention_mask, scaling=None, **_kwargs):
+    """Attention by `F.scaled_dot_product_attention` (causal without a mask), each key/value head
+    serving its group of query heads; returns (rows, length, heads, head dim)."""
+    gqa = query.shape[1] != key.shape[1]
+    causal = attention_mask is None and query.shape[2] > 1
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, is_causal=causal, scale=scaling, enable_gqa=gqa
+    )
+    return out.transpose(1, 2), None
+
+
+def direct_attention(module, query, key, value, attention_mask, scaling=None):
+    """The attention of models that call it themselves (`llama.LlamaForScoring`): within
+    `bucketed_attention`, per span of rows; else `_sdpa`."""
+    if _BUCKETS.get() is not None:
+        return _bucketed_attention(module, query, key, value, attention_mask, scaling=scaling)
+    return _sdpa(module, query, key, value, attention_mask, scaling=scaling)
+
+
 def buckets_apply(model) -> bool:
     """Whether the model's attention is one `bucketed_attention` can run per span: one of
     transformers' registered functions (sdpa, flash, flex; not eager, which lives in each
-    model's code)."""
+    model's code), or `direct_attention`."""
+    if getattr(model, "direct_attention", False):
+        return True
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     implementation = getattr(model.config, "_attn_implementation", None)
@@ -149,12 +170,19 @@ def bucketed_attention(
     """Within: the model's attention runs through `_bucketed_attention` for rows of `lengths`
     after prefixes of `prefixes` tokens (their key/value `caches`, per row), where
     `buckets_apply` (else as it is)."""
-    from transformers import AttentionInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     if not buckets_apply(model):
         yield
         return
+    if getattr(model, "direct_attention", False):
+        token = _BUCKETS.set(_Buckets(_sdpa, True, attention_spans(lengths, prefixes), caches))
+        try:
+            yield
+        finally:
+            _BUCKETS.reset(token)
+        return
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     config = model.config
     before = config._attn_implementation
     if BUCKETED_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
@@ -187,11 +215,9 @@ def expanded_cache(prefix_kv, batch_size: int):
 
 
 def row_cache(cache, row: int, length: int):
-    """A DynamicCache of the first `length` positions of one row of a batch's cache (copied, so
-    that the batch's is freed)."""
-    from transformers.cache_utils import DynamicCache
-
-    out = DynamicCache()
+    """A cache of the first `length` positions of one row of a batch's cache (copied, so that the
+    batch's is freed), of the same kind (transformers' DynamicCache, `llama.KeyValueCache`)."""
+    out = type(cache)()
     for i, layer in enumerate(cache.layers):
         out.update(layer.keys[row : row + 1, :, :length].clone(), layer.values[row : row + 1, :, :length].clone(), i)
     return out

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from taskfit.config import ModelConfig
 from taskfit.errors import TaskfitError
 from taskfit.models.base import GenerationRequest, Request, top_gap
 from taskfit.models.generation import Generator
+from taskfit.models.llama import PlainTokenizer, llama_folder, load_llama
 from taskfit.models.registry import resolve
 from taskfit.models.scoring import Group, SharedStarts, TreeScorer
 
@@ -102,6 +105,7 @@ class HFLM:
         batch_tokens: int = 4096,
         precision=None,
         recheck_margin: float = 0.0,
+        full: Callable[[], tuple[Any, Any]] | None = None,
     ):
         self.model = model.eval()
         self.precision = precision or Precision(model.dtype, model.dtype)
@@ -116,35 +120,53 @@ class HFLM:
         """How many groups had their context cut from the left to fit `max_length`."""
         self.starts = SharedStarts(tokenizer)
         """Where each request's declared shared start ends in its tokens."""
-        self.generator = Generator(model, tokenizer, self.max_length)
+        self._full = full
+        """Where `model` is taskfit's scoring-only one (`llama.LlamaForScoring`): loads transformers'
+        model and tokenizer of the same checkpoint, for generation."""
+        self._generator: Generator | None = None
+        self._output_checked = False
+
+    @property
+    def generator(self) -> Generator:
+        """The generator, made on first use. Where scoring ran on taskfit's own Llama model,
+        transformers' model of the same checkpoint is loaded first and serves every call after
+        (scoring included: the two give the same scores, bit for bit)."""
+        if self._generator is None:
+            if self._full is not None:
+                self._use(*self._full())
+            self._generator = Generator(self.model, self.tokenizer, self.max_length)
+        return self._generator
+
+    def _use(self, model, tokenizer) -> None:
+        """Run on `model` and `tokenizer` from now on (the scorer's counts carried over)."""
+        before = self.scorer
+        self.model, self.tokenizer, self._full = model.eval(), tokenizer, None
+        self.scorer = TreeScorer(model, before.batch_tokens)
+        self.scorer.tokens, self.scorer.padded_tokens = before.tokens, before.padded_tokens
+        self.starts = SharedStarts(tokenizer)
         self._output_checked = False
 
     @classmethod
-    def load(cls, config: ModelConfig) -> HFLM:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    def load(cls, config: ModelConfig, own_llama: bool = True) -> HFLM:
+        """The model and tokenizer `config` names. A plain Llama checkpoint on the CPU scores on
+        taskfit's own model (`llama`: the same scores without importing transformers' model code,
+        ~1.8 s of a run's start-up; `own_llama=False`: on transformers' from the start);
+        transformers' model is loaded where it generates."""
         resolved = resolve(config.name)
-        _check_language_model(Path(resolved.path), config.name)
+        folder = Path(resolved.path)
+        _check_language_model(folder, config.name)
         device = pick_device(config.device)
         precision = pick_precision(config.dtype, device)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-            model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=precision.weights).to(device)
-        except OSError as exc:
-            raise TaskfitError(
-                f"model.name: cannot load '{config.name}' ({exc}). Offline, a hub id works only when it is "
-                "already in the Hugging Face cache; otherwise give a local folder, a .gguf file or an alias."
-            ) from None
-        except (ValueError, KeyError) as exc:  # what transformers raises for a folder that holds no usable model
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TaskfitError(
-                f"model.name: '{config.name}' is not a model transformers can load ({reason}). Give a folder written "
-                "by save_pretrained (config.json, weights and tokenizer files), a .gguf file or an alias."
-            ) from None
+        full = partial(_load_transformers, resolved.path, config.name, precision.weights, device)
+        own = _own_llama(folder, precision.weights) if own_llama and device == "cpu" else None
+        if own is None:
+            (model, tokenizer), full = full(), None
+        else:
+            model, tokenizer = own
         identity = {**resolved.identity, "dtype": precision.name, "device": device}
         if precision.compute != precision.weights and config.recheck_margin:
             identity["recheck_margin"] = config.recheck_margin  # it changes scores: part of the cache key
-        return cls(model, tokenizer, identity, config.batch_tokens, precision, config.recheck_margin)
+        return cls(model, tokenizer, identity, config.batch_tokens, precision, config.recheck_margin, full=full)
 
     def session(self) -> Any:
         """A context for many calls in a row: under bf16 autocast, the bf16 copies of the weights
@@ -255,6 +277,41 @@ class HFLM:
             self.truncated += 1
             return True
         return False
+
+
+def _own_llama(folder: Path, dtype: torch.dtype) -> tuple[Any, Any] | None:
+    """taskfit's own Llama model and the plain tokenizer for `folder`, where `llama.llama_folder`
+    accepts it and its files read; else None (transformers loads it, or says what is wrong)."""
+    shape = llama_folder(folder)
+    if shape is None:
+        return None
+    try:
+        return load_llama(folder, shape, dtype), PlainTokenizer(folder)
+    except Exception as exc:  # safetensors', tokenizers' and torch's own errors alike
+        log.debug("%s: loading with transformers instead (%s)", folder, exc)
+        return None
+
+
+def _load_transformers(path: str, name: str, dtype: torch.dtype, device: str) -> tuple[Any, Any]:
+    """transformers' causal LM (weights in `dtype`, on `device`) and tokenizer from `path`; `name`
+    is what the user gave, for errors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    except OSError as exc:
+        raise TaskfitError(
+            f"model.name: cannot load '{name}' ({exc}). Offline, a hub id works only when it is "
+            "already in the Hugging Face cache; otherwise give a local folder, a .gguf file or an alias."
+        ) from None
+    except (ValueError, KeyError) as exc:  # what transformers raises for a folder that holds no usable model
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TaskfitError(
+            f"model.name: '{name}' is not a model transformers can load ({reason}). Give a folder written "
+            "by save_pretrained (config.json, weights and tokenizer files), a .gguf file or an alias."
+        ) from None
+    return model, tokenizer
 
 
 LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
