@@ -207,3 +207,18 @@ def test_start_and_end_tokens_are_read_where_older_transformers_saved_them(tiny_
     (older / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<|endoftext|>"}))
     (older / "tokenizer_config.json").write_text(json.dumps({**config, **special}))
     assert llama_folder(older) is None  # the two files disagree: transformers decides
+
+
+def test_transformers_model_code_loads_with_the_collector_paused_and_joins_a_frozen_load(tiny_folder):
+    import gc
+
+    from taskfit.models import frozen_load
+
+    seen = []
+    with frozen_load(lambda: HFLM.load(ModelConfig(name=str(tiny_folder), device="cpu", dtype="float32"))) as lm:
+        full = lm._full
+        lm._full = lambda: seen.append((gc.isenabled(), gc.get_freeze_count())) or full()
+        frozen = gc.get_freeze_count()
+        assert lm.generator and not isinstance(lm.model, LlamaForScoring)
+        assert seen == [(False, frozen)] and gc.get_freeze_count() > frozen
+    assert gc.isenabled()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import platform
@@ -133,9 +134,21 @@ class HFLM:
         (scoring included: the two give the same scores, bit for bit)."""
         if self._generator is None:
             if self._full is not None:
-                self._use(*self._full())
+                self._use(*self._loaded_in_full())
             self._generator = Generator(self.model, self.tokenizer, self.max_length)
         return self._generator
+
+    def _loaded_in_full(self) -> tuple[Any, Any]:
+        """transformers' model and tokenizer, loaded as `models.load_model` and `models.frozen_load`
+        load a model: importing its code makes about a million objects, made with the collector
+        paused and, where the objects of the first load are frozen, frozen with them."""
+        from taskfit.models import paused_collector
+
+        with paused_collector():
+            loaded = self._full()
+            if gc.get_freeze_count():
+                gc.freeze()
+        return loaded
 
     def _use(self, model, tokenizer) -> None:
         """Run on `model` and `tokenizer` from now on (the scorer's counts carried over)."""

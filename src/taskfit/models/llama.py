@@ -4,8 +4,8 @@ A run that only scores (classification, multiple choice, calibration, ensembles)
 start-up importing the model code of transformers, which imports torch._dynamo,
 torch.distributed and scipy.optimize whatever the model: ~1.8 s on the default CPU, against ~1 s
 for torch itself and ~3 s of scoring on the five-shot benchmark job. For a local folder in the
-plain Llama architecture (SmolLM2, TinyLlama, Llama 2/3 without RoPE scaling) with safetensors
-weights and a `tokenizer.json`, scoring runs on the small model below and the `tokenizers`
+plain Llama architecture (no biases, no RoPE scaling: SmolLM2 and the default model among
+them) with safetensors weights and a plain `tokenizer.json`, scoring runs on the small model below and the `tokenizers`
 library instead: the same operations in the same order as transformers' `LlamaModel`, and so
 the same bits, in float32 and under bf16 autocast (tested against transformers on a tiny model
 and on the default model). `llama_folder` says which folders qualify; anything else, and
