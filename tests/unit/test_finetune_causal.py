@@ -405,3 +405,17 @@ def test_a_max_length_without_room_for_prompt_and_answer_is_refused_before_train
     ):
         causal.generation(job)
     assert trained == []
+
+
+def test_lora_on_embeddings_tied_to_the_output_layer_is_refused_before_training(root, monkeypatch):
+    """The tiny decoder ties its input embeddings to its LM head: a merged LoRA update of
+    `embed_tokens` would change the head too, which the merge check refused only after training."""
+    trained = []
+    monkeypatch.setattr(causal, "_train", lambda *a, **k: trained.append(a))
+    job = make_job(root, "generation-tied", "generation", **{**SETTINGS["lora"], "target_modules": ["embed_tokens"]})
+    with pytest.raises(
+        TaskfitError, match=r"runs.ft.finetune.*embed_tokens.*tied.*output layer.*target_modules"
+    ) as err:
+        causal.generation(job)
+    assert trained == []
+    assert "q_proj" in str(err.value).split("layers:")[1] and "embed_tokens" not in str(err.value).split("layers:")[1]

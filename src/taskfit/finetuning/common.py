@@ -173,17 +173,17 @@ def quantization_config(job: Any) -> Any:
 
 
 def adaptable_modules(model: nn.Module, heads: list[str]) -> list[str]:
-    """Names (last component) of the layers LoRA can adapt outside the heads: the `target_modules` menu."""
+    """Names (last component) of the layers LoRA can adapt outside the heads: the `target_modules`
+    menu (input embeddings tied to the output layer left out: see `add_lora`)."""
     from transformers.pytorch_utils import Conv1D
 
     kinds = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, Conv1D)
-    return sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, module in model.named_modules()
-            if isinstance(module, kinds) and name.split(".")[0] not in heads
-        }
-    )
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, kinds) and name.split(".")[0] not in heads
+    }
+    return sorted(names - {tied_input_embeddings(model)})
 
 
 def default_targets(model: nn.Module, heads: list[str]) -> list[str] | None:
@@ -207,6 +207,15 @@ def add_lora(job: Any, model: nn.Module, task_type: str, heads: list[str]) -> nn
     targets = cfg.target_modules or default_targets(model, heads)
     if not targets:
         _unadaptable(job, model, heads, "none of the layer names LoRA usually adapts occurs in it")
+    tied = tied_input_embeddings(model)
+    if tied in targets:
+        _unadaptable(
+            job,
+            model,
+            heads,
+            f"its `{tied}` is tied to the output layer (one weight for both), so merging a LoRA update of it "
+            "would change the output layer too, and the merged model would not be the one trained",
+        )
     lora = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha or 2 * cfg.r,
@@ -225,6 +234,16 @@ def add_lora(job: Any, model: nn.Module, task_type: str, heads: list[str]) -> nn
         if "Target module" not in str(exc):
             raise
         _unadaptable(job, model, heads, f"peft cannot adapt target_modules {targets} ({exc})")
+
+
+def tied_input_embeddings(model: nn.Module) -> str | None:
+    """The name (last component) of the input embedding layer where it shares its weight with the
+    output layer (`tie_word_embeddings`), else None."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    inputs, outputs = (get() if callable(get) else None for get in (get_in, get_out))
+    if inputs is None or outputs is None or getattr(inputs, "weight", None) is not getattr(outputs, "weight", 0):
+        return None
+    return next((name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is inputs), None)
 
 
 def _unadaptable(job: Any, model: nn.Module, heads: list[str], why: str) -> None:
