@@ -486,3 +486,18 @@ def test_generation_rows_say_whether_they_are_correct(tmp_path):
     lm = ScriptedLM(script=lambda ctx, s, seed: " the Paris." if "France" in ctx else " Milan")
     taskfit.run(tmp_path / "exp.yaml", out=tmp_path / "out", lm=lm)
     assert [r["correct"] for r in rows_of(tmp_path / "out")] == [True, False]
+
+
+def test_on_a_generation_task_extract_gives_the_answer_and_an_unmatched_text_answers_whole(tmp_path):
+    rows = [{"id": "a", "q": "France?", "target": "Paris"}, {"id": "b", "q": "Italy?", "target": "Rome"}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "exp.yaml").write_text(
+        "name: g\ntask: {type: generation, data: {test: test.jsonl}, label: target}\n"
+        'runs:\n  r:\n    prompt: {template: "Q: {{ q }}\\nA: {{ answer }}", extract: "capital is (\\\\w+)"}\n'
+    )
+    lm = ScriptedLM(script=lambda ctx, s, seed: " Its capital is Paris." if "France" in ctx else " Rome ")
+    results = taskfit.run(tmp_path / "exp.yaml", out=tmp_path / "out", lm=lm)
+    got = rows_of(tmp_path / "out")
+    assert [r["prediction"] for r in got] == ["Paris", "Rome"]
+    assert [r["extraction_failed"] for r in got] == [0.0, 1.0]
+    assert results["r"]["extraction_failed"] == 0.5

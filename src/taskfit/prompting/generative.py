@@ -5,7 +5,9 @@ Self-consistency is `samples → extract → vote` (Wang et al. 2022). When extr
 for a sample, the options are scored as the continuation of that sample's reasoning
 (joined by the text `answer_format` puts between rationale and answer, " So the answer
 is " by default) — the fallback — and the failure is counted in `extraction_failed`, a
-metric of its own, so it is never silently right or wrong.
+metric of its own, so it is never silently right or wrong. On a generation task the
+extracted text is the answer, and a sample the pattern does not match answers with its whole
+text (stripped), also counted in `extraction_failed`.
 """
 
 from __future__ import annotations
