@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from taskfit.errors import TaskfitError
-from taskfit.evaluation.metrics import METRICS, mean_score
+from taskfit.evaluation.metrics import METRICS, corpus_metric, mean_score
 from taskfit.evaluation.statistics import (
     holm_bonferroni,
     mcnemar_exact,
@@ -148,6 +148,7 @@ def _compare_structured(
             for m, st in stats.items()
         ]
     rows = [_per_example_row(metric, values, base, draws, seed) for metric, values in _text_scores(rows_a, rows_b, ids)]
+    rows += [_corpus_row(metric, rows_a, rows_b, ids, base, draws, seed) for metric in ("bleu", "chrf")]
     for row in rows:
         if row["metric"] == "exact_match":  # the detectable difference is one of paired correct/incorrect items
             row["mdd"] = mdd
@@ -162,6 +163,31 @@ def _text_scores(rows_a, rows_b, ids):
         va = np.asarray(fn([rows_a[i]["prediction"] for i in ids], refs), dtype=float)
         vb = np.asarray(fn([rows_b[i]["prediction"] for i in ids], refs), dtype=float)
         yield name, (va, vb)
+
+
+def _corpus_row(metric: str, rows_a, rows_b, ids, base: dict, draws: tuple[int, int], seed: int) -> dict:
+    """A corpus metric (BLEU, chrF): the paired tests resample and swap the examples' n-gram
+    counts (`text_metrics.corpus_statistics`), both systems' in one array, A's first."""
+    from taskfit.evaluation import text_metrics as tm
+
+    refs = [rows_a[i].get("references") or [rows_a[i]["label"]] for i in ids]
+    stats_a, score = tm.corpus_statistics(metric, [rows_a[i]["prediction"] for i in ids], refs)
+    stats_b, _ = tm.corpus_statistics(metric, [rows_b[i]["prediction"] for i in ids], refs)
+    scored, n = corpus_metric(np.concatenate([stats_a, stats_b]), score), len(ids)
+    a, b, dummy = np.arange(n), n + np.arange(n), np.zeros(n)
+    boot = paired_bootstrap(scored, dummy, a, b, 0, resamples=draws[0], seed=seed)
+    perm = paired_permutation_test(scored, dummy, a, b, 0, resamples=draws[1], seed=seed)
+    return {
+        "metric": metric,
+        **base,
+        "a_value": score(stats_a.sum(axis=0)),
+        "b_value": score(stats_b.sum(axis=0)),
+        "difference": boot["difference"],
+        "ci95": boot["ci95"],
+        "p_value": perm["p_value"],
+        "test": "paired_permutation",
+        "permutations": draws[1],
+    }
 
 
 def _per_example_row(metric: str, values, base: dict, draws: tuple[int, int], seed: int) -> dict:

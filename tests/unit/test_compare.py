@@ -103,11 +103,25 @@ def test_generation_runs_compare_per_example_scores(tmp_path):
     bad = [{**row, "prediction": "no idea", "correct": False} for row in good]
     rows = compare_cells([_cell(tmp_path, "good", "generation", good), _cell(tmp_path, "bad", "generation", bad)])
     by_metric = {r["metric"]: r for r in rows["comparisons"]}
-    assert set(by_metric) == {"exact_match", "token_f1", "rouge_l"}
+    assert set(by_metric) == {"exact_match", "token_f1", "rouge_l", "bleu", "chrf"}
     em = by_metric["exact_match"]
     assert em["mdd"] > 0 and by_metric["token_f1"]["mdd"] is None and by_metric["rouge_l"]["mdd"] is None
     assert (em["a_value"], em["b_value"], em["difference"]) == (1.0, 0.0, 1.0)
     assert em["ci95"] == [1.0, 1.0] and 0 < em["p_value"] <= 1
+    chrf = by_metric["chrf"]  # corpus-level: the paired tests resample and swap n-gram counts
+    assert chrf["a_value"] == 1.0 and chrf["b_value"] < 0.2 and chrf["difference"] == chrf["a_value"] - chrf["b_value"]
+    assert chrf["ci95"][0] > 0 and chrf["test"] == "paired_permutation" and chrf["mdd"] is None
+
+
+def test_a_corpus_metric_of_two_equal_runs_differs_by_nothing(tmp_path):
+    refs = ["paris", "the blue sky", "seven", "a cat sat"]
+    rows = [
+        {"id": str(i), "label": r, "references": [r], "prediction": r[:-1], "correct": False}
+        for i, r in enumerate(refs)
+    ]
+    rows = compare_cells([_cell(tmp_path, "a", "generation", rows), _cell(tmp_path, "b", "generation", rows)])
+    for row in (r for r in rows["comparisons"] if r["metric"] in ("bleu", "chrf")):
+        assert row["difference"] == 0.0 and row["ci95"] == [0.0, 0.0] and row["p_value"] == 1.0
 
 
 def test_token_classification_runs_compare_entity_metrics(tmp_path):

@@ -159,3 +159,33 @@ def test_shape_and_type_errors():
     with pytest.raises(ValueError, match="no predictions"):
         generation_metrics([], [])
     assert exact_match([], []) == []
+
+
+@pytest.mark.parametrize("name, corpus", [("bleu", bleu), ("chrf", chrf)])
+def test_corpus_statistics_sum_to_the_corpus_score(name, corpus):
+    """Summed per-example counts score exactly as the corpus does, and a subset's as that subset."""
+    from taskfit.evaluation.text_metrics import corpus_statistics
+
+    refs = [[REFS[0], "A cat sat on the mat."], [REFS[1]], [REFS[2], "Green tea: yes"]]
+    stats, score = corpus_statistics(name, PREDS, refs)
+    assert stats.shape[0] == 3
+    assert score(stats.sum(axis=0)) == corpus(PREDS, refs)
+    assert score(stats[[0, 2, 2]].sum(axis=0)) == corpus([PREDS[0], PREDS[2], PREDS[2]], [refs[0], refs[2], refs[2]])
+    with pytest.raises(ValueError, match="bleu or chrf"):
+        corpus_statistics("meteor", PREDS, refs)
+
+
+def test_run_metrics_give_bleu_and_chrf_bootstrap_intervals():
+    import random
+
+    from taskfit.evaluation.rows import _generation_metrics
+
+    rng = random.Random(0)
+    words = "the cat sat on a mat dog ran fast slow red blue".split()
+    refs = [[" ".join(rng.choices(words, k=rng.randint(2, 8)))] for _ in range(60)]
+    preds = [r[0] if rng.random() < 0.4 else " ".join(rng.choices(words, k=4)) for r in refs]
+    out = _generation_metrics(preds, refs, seed=0)
+    for name, corpus in (("bleu", bleu), ("chrf", chrf)):
+        low, high = out[f"{name}_ci95"]
+        assert out[name] == corpus(preds, refs) and low < out[name] < high and high - low < 0.5
+    assert out == _generation_metrics(preds, refs, seed=0)  # seeded

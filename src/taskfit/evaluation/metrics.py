@@ -50,6 +50,21 @@ def mean_score(gold: np.ndarray, scores: np.ndarray, n_classes: int) -> np.ndarr
     return scores.mean(axis=-1)
 
 
+def corpus_metric(stats: np.ndarray, score: Callable[[np.ndarray], float]) -> Metric:
+    """A corpus-level metric (BLEU, chrF) as a `Metric` over example indices passed in the
+    prediction slot (gold unused): per row of indices, `score` of the summed statistics
+    `stats` (examples, k) of the examples it draws. Indices into one array of two systems'
+    statistics (the second's after the first's) make the paired tests' swaps exact."""
+
+    def metric(gold: np.ndarray, idx: np.ndarray, n_classes: int) -> np.ndarray:
+        idx = np.asarray(idx)
+        rows = idx.reshape(-1, idx.shape[-1])
+        values = [score(stats[row].sum(axis=0)) for row in rows]
+        return np.asarray(values, dtype=float).reshape(idx.shape[:-1])
+
+    return metric
+
+
 METRICS: dict[str, Metric] = {"accuracy": accuracy, "macro_f1": macro_f1}
 
 

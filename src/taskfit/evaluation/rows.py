@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from taskfit.evaluation.metrics import bootstrap_ci, compute_metrics, mean_score
+from taskfit.evaluation.metrics import bootstrap_ci, compute_metrics, corpus_metric, mean_score
 from taskfit.evaluation.statistics import expected_calibration_error
 from taskfit.tasks import Task
 
@@ -102,6 +102,9 @@ def _generation_metrics(preds: list[str], refs: list[list[str]], seed: int) -> d
         values = np.asarray(fn(preds, refs), dtype=float)
         out[name] = float(values.mean())
         out[f"{name}_ci95"] = list(bootstrap_ci(mean_score, np.zeros(len(values)), values, 0, seed=seed))
-    out["bleu"] = tm.bleu(preds, refs)
-    out["chrf"] = tm.chrf(preds, refs)
+    for name in ("bleu", "chrf"):  # corpus-level: the bootstrap resamples the examples' n-gram counts
+        stats, score = tm.corpus_statistics(name, preds, refs)
+        out[name] = score(stats.sum(axis=0))
+        metric, every = corpus_metric(stats, score), np.arange(len(stats))
+        out[f"{name}_ci95"] = list(bootstrap_ci(metric, np.zeros(len(stats)), every, 0, seed=seed))
     return out

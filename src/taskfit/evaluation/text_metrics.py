@@ -7,7 +7,8 @@ sacrebleu (its multi-reference mode).
 
 Exact match, token F1 and ROUGE-L return one score per example (a list of floats that
 `np.asarray` turns into the per-example vector a bootstrap resamples). BLEU and chrF are
-corpus-level (their n-gram counts are pooled before the ratio), so they return one number.
+corpus-level (their n-gram counts are pooled before the ratio), so they return one number;
+`corpus_statistics` gives the per-example counts that a bootstrap resamples for them.
 Every score is on the 0-1 scale, sacrebleu's 0-100 scores included (divided by 100).
 """
 
@@ -17,8 +18,9 @@ import re
 import string
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
+from typing import Any
 
 Reference = str | Sequence[str]
 """One example's reference: a string, or the list of acceptable strings."""
@@ -131,6 +133,29 @@ def chrf(preds: Sequence[str], refs: Sequence[Reference]) -> float:
 
     hyps, streams = _sacrebleu_args(preds, refs)
     return sacrebleu.corpus_chrf(hyps, streams).score / 100
+
+
+def corpus_statistics(name: str, preds: Sequence[str], refs: Sequence[Reference]) -> tuple[Any, Callable[[Any], float]]:
+    """Per-example sufficient statistics of corpus `bleu` or `chrf`, a float array (N, k) (n-gram
+    matches and totals, lengths), and the function that scores summed statistics (k,) on the
+    0-1 scale. Corpus scores pool their counts over the examples, so the score of any resample
+    of the examples is that of its examples' summed statistics: what the bootstrap and the
+    paired tests resample, as sacrebleu's own `--confidence` and `--paired-bs` do. The score of
+    all the examples is `bleu` / `chrf` (tested)."""
+    import numpy as np
+    from sacrebleu.metrics import BLEU, CHRF
+
+    metric = BLEU() if name == "bleu" else CHRF() if name == "chrf" else None
+    if metric is None:
+        raise ValueError(f"corpus_statistics: no corpus metric '{name}' (bleu or chrf)")
+    hyps, streams = _sacrebleu_args(preds, refs)
+    # sacrebleu's own per-segment statistics and scoring (what its bootstrap uses; named private)
+    stats = np.asarray(metric._extract_corpus_statistics(hyps, streams), dtype=float)
+
+    def score(summed) -> float:
+        return float(metric._compute_score_from_stats(summed).score) / 100
+
+    return stats, score
 
 
 def generation_metrics(preds: Sequence[str], refs: Sequence[Reference]) -> dict[str, float]:
