@@ -222,3 +222,20 @@ def test_transformers_model_code_loads_with_the_collector_paused_and_joins_a_fro
         assert lm.generator and not isinstance(lm.model, LlamaForScoring)
         assert seen == [(False, frozen)] and gc.get_freeze_count() > frozen
     assert gc.isenabled()
+
+
+def test_an_untied_output_layer_loads_its_own_weights(tiny_folder, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    untied = tmp_path / "untied"
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 0.5)
+    model.save_pretrained(untied)
+    AutoTokenizer.from_pretrained(tiny_folder).save_pretrained(untied)
+    own, theirs = both(untied, monkeypatch, dtype="float32")
+    assert (
+        isinstance(own.model, LlamaForScoring) and own.model.lm_head.weight is not own.model.model.embed_tokens.weight
+    )
+    assert not torch.equal(own.model.lm_head.weight, own.model.model.embed_tokens.weight)
+    assert own.loglikelihood(mixed_requests()) == theirs.loglikelihood(mixed_requests())
