@@ -161,28 +161,13 @@ def run(
         check_out_dir(out_dir, Path(path))
     per_cell: dict[Cell, dict] = {}
     tracker = _tracker(cfg, out_dir) if main else None
-    by_model = _by_model(p.cells)
-    # Every process of a multi-process launch trains together; the other cells, and the run's
-    # files, are the main process's alone. Fine-tuning comes first so that no process waits in
-    # a collective while the main one scores prompts.
-    for cells in by_model.values():
-        for cell in (c for c in cells if p.runs[c.run].finetune):
-            per_cell[cell] = run_finetune_cell(
-                cell, p.runs[cell.run].finetune, p.task, p.test_examples(), out_dir, p.experiment.root, tracker
-            )
-    if not main:
-        return {}
-    models = [
-        (model, prompted)
-        for model, cells in by_model.items()
-        if (prompted := [c for c in cells if p.runs[c.run].prompt])
-    ]
-    for k, (model, prompted) in enumerate(models):
-        with frozen_load(lambda m=model: lm or _load(m)) as model_lm:
-            per_cell.update(_run_prompted(model_lm, prompted, p, out_dir, progress, tracker))
-        del model_lm  # one model in memory at a time:
-        if k + 1 < len(models):
-            gc.collect()  # its reference cycles freed before the next one loads (with the collector paused)
+    try:
+        if not _run_cells(p, out_dir, per_cell, tracker, lm, progress):
+            return {}
+    except BaseException:
+        if main:
+            _record_finished(out_dir, p.cells, per_cell)
+        raise
     results = _results(p.cells, per_cell)
     ran = cfg if seed is None else cfg.model_copy(update={"seed": seed, "seeds": None})  # as run: --seed recorded
     atomic_write(out_dir / "config.yaml", dump_config(ran))
@@ -193,10 +178,60 @@ def run(
     return results
 
 
-def _run_prompted(lm: LM, cells: list[Cell], p: Plan, out_dir: Path, progress, tracker) -> dict[Cell, dict]:
-    """Run one model's prompted cells, through its score cache in `out_dir`."""
+def _run_cells(p: Plan, out_dir: Path, per_cell: dict[Cell, dict], tracker, lm: LM | None, progress) -> bool:
+    """Run every cell of the plan into `per_cell` (fine-tuning first); False in a process other
+    than the main one, which only trains."""
+    by_model = _by_model(p.cells)
+    # Every process of a multi-process launch trains together; the other cells, and the run's
+    # files, are the main process's alone. Fine-tuning comes first so that no process waits in
+    # a collective while the main one scores prompts.
+    for cells in by_model.values():
+        for cell in (c for c in cells if p.runs[c.run].finetune):
+            per_cell[cell] = run_finetune_cell(
+                cell, p.runs[cell.run].finetune, p.task, p.test_examples(), out_dir, p.experiment.root, tracker
+            )
+    if not is_main_process():
+        return False
+    models = [
+        (model, prompted)
+        for model, cells in by_model.items()
+        if (prompted := [c for c in cells if p.runs[c.run].prompt])
+    ]
+    for k, (model, prompted) in enumerate(models):
+        with frozen_load(lambda m=model: lm or _load(m)) as model_lm:
+            _run_prompted(model_lm, prompted, p, out_dir, progress, tracker, per_cell)
+        del model_lm  # one model in memory at a time:
+        if k + 1 < len(models):
+            gc.collect()  # its reference cycles freed before the next one loads (with the collector paused)
+    return True
+
+
+def _record_finished(out_dir: Path, cells: list[Cell], per_cell: dict[Cell, dict]) -> None:
+    """After a failure, make results.json describe the folders beside it: a cell's files are
+    replaced only once it has finished, so the runs whose every cell finished now are written in
+    (with the spreads whose every member did), a spread some of whose members changed is
+    dropped, and everything else stays as it was."""
+    finished = {c.label for c in cells if all(d in per_cell for d in cells if d.label == c.label)}
+    if not finished:
+        return
+    members: dict[str, set[str]] = {}
+    for cell in cells:
+        if (key := _spread_key(cell)) is not None:
+            members.setdefault(key, set()).add(cell.label)
+    new = _results([c for c in cells if c.label in finished], per_cell)
+    new = {k: v for k, v in new.items() if members.get(k, finished) <= finished}
+    stale = {k for k, labels in members.items() if labels & finished and not labels <= finished}
+    try:
+        merged = {k: v for k, v in merge_results(out_dir / "results.json", new).items() if k not in stale}
+        atomic_write(out_dir / "results.json", json.dumps(merged, indent=2))
+    except (TaskfitError, OSError) as exc:  # the failure being raised is what the user must see
+        log.warning("%s: could not record the runs that finished (%s)", out_dir / "results.json", exc)
+
+
+def _run_prompted(lm: LM, cells: list[Cell], p: Plan, out_dir: Path, progress, tracker, out: dict) -> None:
+    """Run one model's prompted cells, through its score cache in `out_dir`, into `out` as each
+    finishes."""
     cached = CachedLM(lm, ScoreCache.for_model(out_dir, lm.identity))
-    out = {}
     try:
         with cached.session():
             for cell in cells:
@@ -206,7 +241,6 @@ def _run_prompted(lm: LM, cells: list[Cell], p: Plan, out_dir: Path, progress, t
                 )
     finally:
         cached.cache.close()
-    return out
 
 
 def _tracker(cfg, out_dir: Path):
