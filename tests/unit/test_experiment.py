@@ -301,6 +301,18 @@ def test_model_error_mid_run_keeps_the_good_results(project, write_yaml, fake_lm
     assert (out / "results.json").read_bytes() == good_results
 
 
+def _breaks_on_q(fake_lm):
+    """A fake LM that scores other prompts (unlike the first run's) and fails on those starting "Q:"."""
+
+    class Breaks(fake_lm):
+        def loglikelihood(self, requests):
+            if any(r.context.startswith("Q:") for r in requests):
+                raise RuntimeError("out of memory")
+            return super().loglikelihood(requests)
+
+    return Breaks(fn=lambda r: -len(r.continuation))
+
+
 def test_a_run_failing_in_a_later_cell_records_the_cells_it_finished(project, write_yaml, fake_lm):
     """A cell's files are replaced once it has finished: after a failure in the second run, the
     first run's new predictions are on disk, so results.json must give their numbers (it kept the
@@ -310,15 +322,9 @@ def test_a_run_failing_in_a_later_cell_records_the_cells_it_finished(project, wr
     old = json.loads((out / "results.json").read_text())
     old_fewshot = (out / "fewshot" / "predictions.jsonl").read_bytes()
 
-    class BreaksOnDemos(fake_lm):
-        def loglikelihood(self, requests):
-            if any(r.context.startswith("Q:") for r in requests):
-                raise RuntimeError("out of memory")
-            return super().loglikelihood(requests)
-
     changed = TWO_RUNS.replace("Answer: {{ answer }}", "Best answer: {{ answer }}").replace("A: {{", "Ans: {{")
     with pytest.raises(RuntimeError):
-        taskfit.run(write_yaml(changed), lm=BreaksOnDemos(fn=lambda r: -len(r.continuation)), out=out)
+        taskfit.run(write_yaml(changed), lm=_breaks_on_q(fake_lm), out=out)
     recorded = json.loads((out / "results.json").read_text())
     manifest = json.loads((out / "plain" / "manifest.json").read_text())
     assert recorded["plain"] == {**manifest["metrics"], "seed": 0} != old["plain"]
@@ -336,15 +342,9 @@ def test_a_spread_whose_members_changed_in_a_failed_run_is_dropped(project, writ
     old = json.loads((out / "results.json").read_text())
     assert "t" in old and len(old) == 3  # two templates and their spread
 
-    class BreaksOnTheSecond(fake_lm):
-        def loglikelihood(self, requests):
-            if any(r.context.startswith("Q:") for r in requests):
-                raise RuntimeError("out of memory")
-            return super().loglikelihood(requests)
-
     changed = text.replace("Answer: {{", "Best answer: {{").replace("A: {{", "Ans: {{")
     with pytest.raises(RuntimeError):
-        taskfit.run(write_yaml(changed), lm=BreaksOnTheSecond(fn=lambda r: -len(r.continuation)), out=out)
+        taskfit.run(write_yaml(changed), lm=_breaks_on_q(fake_lm), out=out)
     recorded = json.loads((out / "results.json").read_text())
     first, second = sorted(k for k in old if k != "t")
     assert recorded[first] != old[first] and recorded[second] == old[second] and "t" not in recorded
