@@ -207,25 +207,33 @@ def _run_cells(p: Plan, out_dir: Path, per_cell: dict[Cell, dict], tracker, lm: 
 
 
 def _record_finished(out_dir: Path, cells: list[Cell], per_cell: dict[Cell, dict]) -> None:
-    """After a failure, make results.json describe the folders beside it: a cell's files are
-    replaced only once it has finished, so the runs whose every cell finished now are written in
-    (with the spreads whose every member did), a spread some of whose members changed is
-    dropped, and everything else stays as it was."""
-    finished = {c.label for c in cells if all(d in per_cell for d in cells if d.label == c.label)}
-    if not finished:
+    """After a failure, make results.json describe the folders beside it. A cell's predictions
+    are replaced once it has predicted every example (its manifest follows the metrics), so a
+    run whose every cell (every seed) finished now is written in; a run some of whose cells
+    were replaced but not all (a later seed failed, or the failure came while its metrics were
+    computed) is dropped, as is a spread over templates or demonstration sets that such a run
+    belongs to; the runs the failure did not reach stay as they were."""
+    replaced = {c.label for c in cells if c in per_cell or _unfinished(out_dir / c.folder)}
+    if not replaced:
         return
+    finished = {label for label in replaced if all(c in per_cell for c in cells if c.label == label)}
     members: dict[str, set[str]] = {}
     for cell in cells:
         if (key := _spread_key(cell)) is not None:
             members.setdefault(key, set()).add(cell.label)
     new = _results([c for c in cells if c.label in finished], per_cell)
     new = {k: v for k, v in new.items() if members.get(k, finished) <= finished}
-    stale = {k for k, labels in members.items() if labels & finished and not labels <= finished}
+    gone = (replaced - finished) | {k for k, labels in members.items() if labels & replaced and not labels <= finished}
     try:
-        merged = {k: v for k, v in merge_results(out_dir / "results.json", new).items() if k not in stale}
+        merged = {k: v for k, v in merge_results(out_dir / "results.json", new).items() if k not in gone}
         atomic_write(out_dir / "results.json", json.dumps(merged, indent=2))
     except (TaskfitError, OSError) as exc:  # the failure being raised is what the user must see
         log.warning("%s: could not record the runs that finished (%s)", out_dir / "results.json", exc)
+
+
+def _unfinished(folder: Path) -> bool:
+    """Whether a cell folder holds predictions without their manifest (replaced, not finished)."""
+    return (folder / "predictions.jsonl").exists() and not (folder / "manifest.json").exists()
 
 
 def _run_prompted(lm: LM, cells: list[Cell], p: Plan, out_dir: Path, progress, tracker, out: dict) -> None:

@@ -350,6 +350,68 @@ def test_a_spread_whose_members_changed_in_a_failed_run_is_dropped(project, writ
     assert recorded[first] != old[first] and recorded[second] == old[second] and "t" not in recorded
 
 
+def _consistent(out) -> dict:
+    """results.json, after checking that each run it names has the numbers of its folders' manifests."""
+    from taskfit.evaluation.aggregate import aggregate_seeds
+
+    recorded = json.loads((out / "results.json").read_text())
+    for label, result in recorded.items():
+        manifests = [json.loads(m.read_text()) for m in out.glob("**/manifest.json")]
+        seeds = {m["seed"]: m["metrics"] for m in manifests if m["label"] == label}
+        if seeds:
+            assert result == json.loads(json.dumps(aggregate_seeds(seeds))), label
+    return recorded
+
+
+def test_a_run_whose_later_seed_fails_is_dropped_not_left_stale(project, write_yaml, fake_lm):
+    """Seed 0's folders are replaced before seed 1 runs: a failure in seed 1 leaves that run's
+    folders mixed, so results.json must not keep its old numbers (nor claim new ones)."""
+    text = TWO_RUNS.replace("shots: 2", "shots: 2\n      demos: random") + "seeds: [0, 1]\n"
+    out = project / "out"
+    taskfit.run(write_yaml(text), lm=fake_lm(), out=out)
+    assert {"plain", "fewshot"} <= set(json.loads((out / "results.json").read_text()))
+
+    class SecondDemoCallFails(fake_lm):  # seed 0's demonstrations score, seed 1's fail
+        demo_calls = 0
+
+        def loglikelihood(self, requests):
+            if any(r.context.startswith("Q:") for r in requests):
+                self.demo_calls += 1
+                if self.demo_calls == 2:
+                    raise RuntimeError("out of memory")
+            return super().loglikelihood(requests)
+
+    lm = SecondDemoCallFails(fn=lambda r: -len(r.continuation))
+    changed = text.replace("Answer: {{ answer }}", "Best answer: {{ answer }}").replace("A: {{", "Ans: {{")
+    with pytest.raises(RuntimeError):
+        taskfit.run(write_yaml(changed), lm=lm, out=out)
+    recorded = _consistent(out)
+    assert lm.demo_calls == 2 and any((out / "fewshot").glob("*/seed-0/manifest.json"))
+    assert "fewshot" not in recorded and "plain" in recorded
+
+
+def test_an_interrupt_while_metrics_are_computed_drops_the_run_it_replaced(project, write_yaml, fake_lm, monkeypatch):
+    from taskfit.evaluation.rows import MetricInputs
+
+    path, out = write_yaml(TWO_RUNS), project / "out"
+    taskfit.run(path, lm=fake_lm(), out=out)
+    real, seen = MetricInputs.metrics, []
+
+    def interrupted_second(self, seed):
+        seen.append(seed)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return real(self, seed)
+
+    monkeypatch.setattr(MetricInputs, "metrics", interrupted_second)
+    changed = TWO_RUNS.replace("Answer: {{ answer }}", "Best answer: {{ answer }}").replace("A: {{", "Ans: {{")
+    with pytest.raises(KeyboardInterrupt):
+        taskfit.run(write_yaml(changed), lm=fake_lm(fn=lambda r: -len(r.continuation)), out=out)
+    assert (out / "fewshot" / "predictions.jsonl").exists() and not (out / "fewshot" / "manifest.json").exists()
+    recorded = _consistent(out)
+    assert "plain" in recorded and "fewshot" not in recorded
+
+
 def test_accuracy_matches_predictions(project, fake_lm, read_jsonl):
     results = taskfit.run(project / "cls.yaml", lm=fake_lm(), out=project / "out")
     rows = read_jsonl(project / "out" / "zero" / "predictions.jsonl")
