@@ -59,7 +59,10 @@ def corpus_metric(stats: np.ndarray, score: Callable[[np.ndarray], float]) -> Me
     def metric(gold: np.ndarray, idx: np.ndarray, n_classes: int) -> np.ndarray:
         idx = np.asarray(idx)
         rows = idx.reshape(-1, idx.shape[-1])
-        values = [score(stats[row].sum(axis=0)) for row in rows]
+        # how often each example is drawn, times its counts: one matrix product per block
+        # (whole-number counts, so the sums are exact in float64 in any order)
+        drawn = np.stack([np.bincount(row, minlength=len(stats)) for row in rows]).astype(float)
+        values = [score(summed) for summed in drawn @ stats]
         return np.asarray(values, dtype=float).reshape(idx.shape[:-1])
 
     return metric
