@@ -103,6 +103,11 @@ def _edited(folder, tmp_path, file: str, **changes):
         ("config.json", {"model_type": "mistral", "architectures": ["MistralForCausalLM"]}),
         ("config.json", {"quantization_config": {"quant_method": "bitsandbytes"}}),
         ("tokenizer_config.json", {"tokenizer_class": "LlamaTokenizer"}),
+        ("tokenizer_config.json", {"split_special_tokens": True}),  # transformers splits "<|im_end|>" in text
+        ("config.json", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),  # wins over rope_parameters
+        ("config.json", {"rope_parameters": {"type": "linear", "factor": 4.0, "rope_theta": 10000.0}}),
+        ("config.json", {"head_dim": "16"}),  # transformers refuses it; so does the own model
+        ("config.json", {"rope_parameters": {"rope_type": "default", "rope_theta": "10000"}}),
     ],
 )
 def test_only_plain_llama_checkpoints_score_on_the_own_model(tiny_folder, tmp_path, file, changes):
@@ -239,3 +244,25 @@ def test_an_untied_output_layer_loads_its_own_weights(tiny_folder, tmp_path, mon
     )
     assert not torch.equal(own.model.lm_head.weight, own.model.model.embed_tokens.weight)
     assert own.loglikelihood(mixed_requests()) == theirs.loglikelihood(mixed_requests())
+
+
+def test_an_output_layer_stored_apart_from_tied_embeddings_loads_on_transformers(tiny_folder, tmp_path, monkeypatch):
+    """transformers keeps a stored head that differs from the embeddings it is said to be tied to."""
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "stored-head"
+    shutil.copytree(tiny_folder, copy)
+    weights = load_file(copy / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"] * 0.5
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    own, theirs = both(copy, monkeypatch, dtype="float32")
+    assert not isinstance(own.model, LlamaForScoring)
+    assert own.loglikelihood(mixed_requests()) == theirs.loglikelihood(mixed_requests())
+
+
+def test_tokens_named_in_the_config_but_not_in_tokenizer_json_leave_the_folder_to_transformers(tiny_folder, tmp_path):
+    copy = _edited(tiny_folder, tmp_path, "tokenizer_config.json", additional_special_tokens=["<|tool|>"])
+    with pytest.raises(ValueError, match="<|tool|>"):
+        PlainTokenizer(copy)
+    lm = HFLM.load(ModelConfig(name=str(copy), device="cpu", dtype="float32"))
+    assert not isinstance(lm.model, LlamaForScoring)

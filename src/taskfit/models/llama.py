@@ -72,28 +72,33 @@ def llama_folder(folder: Path) -> LlamaShape | None:
         and "quantization_config" not in config
         and rope is not None
         and tokenizer.get("tokenizer_class") in PLAIN_TOKENIZERS
+        and not tokenizer.get("split_special_tokens")
         and (folder / "tokenizer.json").is_file()
         and bool(_weight_files(folder))
     )
     if not plain:
         return None
-    try:
-        heads = int(config["num_attention_heads"])
-        return LlamaShape(
-            vocab_size=int(config["vocab_size"]),
-            hidden_size=int(config["hidden_size"]),
-            intermediate_size=int(config["intermediate_size"]),
-            num_hidden_layers=int(config["num_hidden_layers"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or int(config["hidden_size"]) // heads),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope,
-            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        )
-    except (KeyError, TypeError, ValueError):
+    sizes = {k: config.get(k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")}
+    sizes["num_attention_heads"] = heads = config.get("num_attention_heads")
+    sizes["num_key_value_heads"] = config.get("num_key_value_heads") or heads
+    sizes["max_position_embeddings"] = config.get("max_position_embeddings", 2048)
+    eps = config.get("rms_norm_eps", 1e-6)
+    if not all(_whole(v) and v > 0 for v in sizes.values()) or not isinstance(eps, int | float):
+        return None  # as transformers would not read it (it says why, or refuses it)
+    head_dim = config.get("head_dim") or sizes["hidden_size"] // heads
+    if not _whole(head_dim):
         return None
+    return LlamaShape(
+        **sizes,
+        head_dim=head_dim,
+        rms_norm_eps=float(eps),
+        rope_theta=rope,
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _special_tokens(folder: Path) -> dict[str, str | None] | None:
@@ -117,15 +122,19 @@ def _special_tokens(folder: Path) -> dict[str, str | None] | None:
 
 
 def _rope_theta(config: dict) -> float | None:
-    """The RoPE base where the checkpoint uses default RoPE (no scaling), else None."""
-    params = config.get("rope_parameters")
-    if isinstance(params, dict):
-        if params.get("rope_type", "default") != "default" or "rope_theta" not in params:
-            return None
-        return float(params["rope_theta"])
+    """The RoPE base where the checkpoint uses default RoPE (no scaling), else None. A
+    `rope_scaling` entry wins over `rope_parameters` in transformers, and either may name its
+    type `type` (older) or `rope_type`: any scaling at all leaves the folder to transformers."""
     if config.get("rope_scaling") is not None:
         return None
-    return float(config.get("rope_theta", 10000.0))
+    params = config.get("rope_parameters")
+    if params is None:
+        theta = config.get("rope_theta", 10000.0)
+    elif isinstance(params, dict) and params.get("rope_type", params.get("type", "default")) == "default":
+        theta = params.get("rope_theta")
+    else:
+        return None
+    return float(theta) if isinstance(theta, int | float) and not isinstance(theta, bool) else None
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -338,8 +347,11 @@ def load_llama(folder: Path, shape: LlamaShape, dtype: torch.dtype) -> LlamaForS
     weights: dict[str, torch.Tensor] = {}
     for file in _weight_files(folder):
         weights.update(load_file(file))
-    if shape.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
+    head, embeddings = weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")
+    if shape.tie_word_embeddings and head is not None:
+        if embeddings is None or not torch.equal(head, embeddings):  # transformers keeps such a head apart
+            raise ValueError("tie_word_embeddings, but the weights hold an output layer of their own")
+        weights.pop("lm_head.weight")
     weights = {name: tensor.to(dtype) for name, tensor in weights.items()}
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     missing = [m for m in missing if not (shape.tie_word_embeddings and m == "lm_head.weight")]
@@ -348,6 +360,21 @@ def load_llama(folder: Path, shape: LlamaShape, dtype: torch.dtype) -> LlamaForS
     if shape.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
+
+
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _named_tokens(config: dict) -> list[str]:
+    """Every token string a `tokenizer_config.json` names: special tokens, added tokens, extra ones."""
+    named = [config.get(key) for key in SPECIAL_TOKENS]
+    decoder = config.get("added_tokens_decoder")
+    named += list(decoder.values()) if isinstance(decoder, dict) else []
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        extra = config.get(key)
+        named += list(extra.values()) if isinstance(extra, dict) else list(extra) if isinstance(extra, list) else []
+    tokens = [t.get("content") if isinstance(t, dict) else t for t in named]
+    return [t for t in tokens if isinstance(t, str)]
 
 
 class PlainTokenizer:
@@ -364,6 +391,9 @@ class PlainTokenizer:
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        unknown = [t for t in _named_tokens(config) if self._tokenizer.token_to_id(t) is None]
+        if unknown:  # transformers adds them (new ids, text split on them): not a plain tokenizer.json
+            raise ValueError(f"tokens named in tokenizer_config.json but not in tokenizer.json: {unknown[:3]}")
         special = _special_tokens(folder) or {}
         self.bos_token_id = self._token_id(special.get("bos_token"))
         self.eos_token_id = self._token_id(special.get("eos_token"))
