@@ -297,3 +297,17 @@ def test_a_model_with_a_task_head_is_refused_for_prompting(tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"]}))
     with pytest.raises(TaskfitError, match="LlamaForSequenceClassification: a model with a task head"):
         HFLM.load(taskfit.config.ModelConfig(name=str(folder), device="cpu"))
+
+
+def test_a_model_config_field_of_the_wrong_type_is_named_not_a_traceback(tmp_path):
+    """transformers (through huggingface_hub) refuses `head_dim: "16"`; its error became a traceback."""
+    import json
+
+    from helpers.tiny import build_tiny_model
+    from taskfit.models.hf import HFLM
+
+    folder = build_tiny_model(tmp_path / "tiny")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "head_dim": "16"}))
+    with pytest.raises(TaskfitError, match=r"has a config transformers refuses \(.*head_dim.*config.json"):
+        HFLM.load(taskfit.config.ModelConfig(name=str(folder), device="cpu"))

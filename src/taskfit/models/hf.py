@@ -311,14 +311,24 @@ def _load_transformers(path: str, name: str, dtype: torch.dtype, device: str) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
+        from huggingface_hub.errors import StrictDataclassError as refused
+    except ImportError:  # an older huggingface_hub does not check configs' fields
+        refused = ()
+    try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    except refused as exc:  # a config.json field of the wrong type (huggingface_hub checks them)
+        reason = " ".join(str(exc).split())
+        raise TaskfitError(
+            f"model.name: '{name}' has a config transformers refuses ({reason[:300]}). Fix the folder's "
+            "config.json, or give another model."
+        ) from None
     except OSError as exc:
         raise TaskfitError(
             f"model.name: cannot load '{name}' ({exc}). Offline, a hub id works only when it is "
             "already in the Hugging Face cache; otherwise give a local folder, a .gguf file or an alias."
         ) from None
-    except (ValueError, KeyError) as exc:  # what transformers raises for a folder that holds no usable model
+    except (ValueError, KeyError, TypeError) as exc:  # what transformers raises for a folder with no usable model
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TaskfitError(
             f"model.name: '{name}' is not a model transformers can load ({reason}). Give a folder written "
