@@ -25,7 +25,7 @@ from taskfit.ignored import ignored_settings
 from taskfit.models import frozen_load
 from taskfit.models.base import LM
 from taskfit.models.cached import CachedLM
-from taskfit.store import ScoreCache, atomic_write, check_out_dir, is_main_process, merge_results
+from taskfit.store import ScoreCache, atomic_write, check_out_dir, is_main_process, merge_results, read_results
 from taskfit.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,9 @@ def _record_finished(out_dir: Path, cells: list[Cell], per_cell: dict[Cell, dict
     new = {k: v for k, v in new.items() if members.get(k, finished) <= finished}
     gone = (replaced - finished) | {k for k, labels in members.items() if labels & replaced and not labels <= finished}
     try:
-        merged = {k: v for k, v in merge_results(out_dir / "results.json", new).items() if k not in gone}
+        old = read_results(out_dir / "results.json")
+        merged = {k: new.get(k, v) for k, v in old.items() if k not in gone}  # in their places
+        merged.update({k: v for k, v in new.items() if k not in merged})
         atomic_write(out_dir / "results.json", json.dumps(merged, indent=2))
     except (TaskfitError, OSError) as exc:  # the failure being raised is what the user must see
         log.warning("%s: could not record the runs that finished (%s)", out_dir / "results.json", exc)

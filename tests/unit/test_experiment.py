@@ -328,6 +328,7 @@ def test_a_run_failing_in_a_later_cell_records_the_cells_it_finished(project, wr
     recorded = json.loads((out / "results.json").read_text())
     manifest = json.loads((out / "plain" / "manifest.json").read_text())
     assert recorded["plain"] == {**manifest["metrics"], "seed": 0} != old["plain"]
+    assert list(recorded) == list(old)  # in their places: the report lists runs in this order
     assert recorded["fewshot"] == old["fewshot"]
     assert (out / "fewshot" / "predictions.jsonl").read_bytes() == old_fewshot
 
