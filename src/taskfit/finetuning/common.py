@@ -239,8 +239,10 @@ def add_lora(job: Any, model: nn.Module, task_type: str, heads: list[str]) -> nn
 def tied_input_embeddings(model: nn.Module) -> str | None:
     """The name (last component) of the input embedding layer where it shares its weight with the
     output layer (`tie_word_embeddings`), else None."""
-    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-    inputs, outputs = (get() if callable(get) else None for get in (get_in, get_out))
+    try:
+        inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):  # a model without them (or not from transformers)
+        return None
     if inputs is None or outputs is None or getattr(inputs, "weight", None) is not getattr(outputs, "weight", 0):
         return None
     return next((name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is inputs), None)
