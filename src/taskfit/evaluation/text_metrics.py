@@ -123,7 +123,7 @@ def bleu(preds: Sequence[str], refs: Sequence[Reference], *, tokenize: str = "13
     import sacrebleu  # imported here: it takes ~0.1 s, and most runs score no text
 
     hyps, streams = _sacrebleu_args(preds, refs)
-    return sacrebleu.corpus_bleu(hyps, streams, tokenize=tokenize).score / 100
+    return _unit(sacrebleu.corpus_bleu(hyps, streams, tokenize=tokenize).score)
 
 
 def chrf(preds: Sequence[str], refs: Sequence[Reference]) -> float:
@@ -132,7 +132,7 @@ def chrf(preds: Sequence[str], refs: Sequence[Reference]) -> float:
     import sacrebleu
 
     hyps, streams = _sacrebleu_args(preds, refs)
-    return sacrebleu.corpus_chrf(hyps, streams).score / 100
+    return _unit(sacrebleu.corpus_chrf(hyps, streams).score)
 
 
 def corpus_statistics(name: str, preds: Sequence[str], refs: Sequence[Reference]) -> tuple[Any, Callable[[Any], float]]:
@@ -153,9 +153,14 @@ def corpus_statistics(name: str, preds: Sequence[str], refs: Sequence[Reference]
     stats = np.asarray(metric._extract_corpus_statistics(hyps, streams), dtype=float)
 
     def score(summed) -> float:
-        return float(metric._compute_score_from_stats(summed).score) / 100
+        return _unit(metric._compute_score_from_stats(summed).score)
 
     return stats, score
+
+
+def _unit(score: float) -> float:
+    """sacrebleu's 0-100 score on the 0-1 scale (a perfect BLEU computes as 100.00000000000004)."""
+    return min(1.0, float(score) / 100)
 
 
 def generation_metrics(preds: Sequence[str], refs: Sequence[Reference]) -> dict[str, float]:
