@@ -13,6 +13,7 @@ at most PERMUTATION_BUDGET items drawn per test), recorded per row.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from itertools import combinations
 from typing import Any
 
@@ -147,59 +148,44 @@ def _compare_structured(
             }
             for m, st in stats.items()
         ]
-    rows = [_per_example_row(metric, values, base, draws, seed) for metric, values in _text_scores(rows_a, rows_b, ids)]
-    rows += [_corpus_row(metric, rows_a, rows_b, ids, base, draws, seed) for metric in ("bleu", "chrf")]
+    rows = list(_text_rows(rows_a, rows_b, ids, base, draws, seed))
     for row in rows:
         if row["metric"] == "exact_match":  # the detectable difference is one of paired correct/incorrect items
             row["mdd"] = mdd
     return rows
 
 
-def _text_scores(rows_a, rows_b, ids):
+def _text_rows(rows_a, rows_b, ids, base: dict, draws: tuple[int, int], seed: int) -> Iterator[dict]:
+    """Each text metric's paired comparison: the mean of per-example scores (exact match, token
+    F1, ROUGE-L), and the corpus metrics BLEU and chrF, whose tests resample and swap the
+    examples' n-gram counts (`text_metrics.corpus_statistics`; both systems' in one array, A's
+    first, the predictions being indices into it)."""
     from taskfit.evaluation import text_metrics as tm
 
     refs = [rows_a[i].get("references") or [rows_a[i]["label"]] for i in ids]
+    preds = [[rows[i]["prediction"] for i in ids] for rows in (rows_a, rows_b)]
     for name, fn in (("exact_match", tm.exact_match), ("token_f1", tm.token_f1), ("rouge_l", tm.rouge_l)):
-        va = np.asarray(fn([rows_a[i]["prediction"] for i in ids], refs), dtype=float)
-        vb = np.asarray(fn([rows_b[i]["prediction"] for i in ids], refs), dtype=float)
-        yield name, (va, vb)
+        va, vb = (np.asarray(fn(p, refs), dtype=float) for p in preds)
+        yield _paired_row(name, mean_score, va, vb, (float(va.mean()), float(vb.mean())), base, draws, seed)
+    n = len(ids)
+    for name in ("bleu", "chrf"):
+        (stats_a, score), (stats_b, _) = (tm.corpus_statistics(name, p, refs) for p in preds)
+        metric = corpus_metric(np.concatenate([stats_a, stats_b]), score)
+        values = (score(stats_a.sum(axis=0)), score(stats_b.sum(axis=0)))
+        yield _paired_row(name, metric, np.arange(n), n + np.arange(n), values, base, draws, seed)
 
 
-def _corpus_row(metric: str, rows_a, rows_b, ids, base: dict, draws: tuple[int, int], seed: int) -> dict:
-    """A corpus metric (BLEU, chrF): the paired tests resample and swap the examples' n-gram
-    counts (`text_metrics.corpus_statistics`), both systems' in one array, A's first."""
-    from taskfit.evaluation import text_metrics as tm
-
-    refs = [rows_a[i].get("references") or [rows_a[i]["label"]] for i in ids]
-    stats_a, score = tm.corpus_statistics(metric, [rows_a[i]["prediction"] for i in ids], refs)
-    stats_b, _ = tm.corpus_statistics(metric, [rows_b[i]["prediction"] for i in ids], refs)
-    scored, n = corpus_metric(np.concatenate([stats_a, stats_b]), score), len(ids)
-    a, b, dummy = np.arange(n), n + np.arange(n), np.zeros(n)
-    boot = paired_bootstrap(scored, dummy, a, b, 0, resamples=draws[0], seed=seed)
-    perm = paired_permutation_test(scored, dummy, a, b, 0, resamples=draws[1], seed=seed)
+def _paired_row(name: str, metric, pred_a, pred_b, values, base: dict, draws: tuple[int, int], seed: int) -> dict:
+    """One comparison row: both values, the paired bootstrap's difference and interval, and the
+    permutation test's p, of `metric` over the predictions `pred_a`, `pred_b` (gold unused)."""
+    dummy = np.zeros(len(pred_a))
+    boot = paired_bootstrap(metric, dummy, pred_a, pred_b, 0, resamples=draws[0], seed=seed)
+    perm = paired_permutation_test(metric, dummy, pred_a, pred_b, 0, resamples=draws[1], seed=seed)
     return {
-        "metric": metric,
+        "metric": name,
         **base,
-        "a_value": score(stats_a.sum(axis=0)),
-        "b_value": score(stats_b.sum(axis=0)),
-        "difference": boot["difference"],
-        "ci95": boot["ci95"],
-        "p_value": perm["p_value"],
-        "test": "paired_permutation",
-        "permutations": draws[1],
-    }
-
-
-def _per_example_row(metric: str, values, base: dict, draws: tuple[int, int], seed: int) -> dict:
-    va, vb = values
-    dummy = np.zeros(len(va))
-    boot = paired_bootstrap(mean_score, dummy, va, vb, 0, resamples=draws[0], seed=seed)
-    perm = paired_permutation_test(mean_score, dummy, va, vb, 0, resamples=draws[1], seed=seed)
-    return {
-        "metric": metric,
-        **base,
-        "a_value": float(va.mean()),
-        "b_value": float(vb.mean()),
+        "a_value": values[0],
+        "b_value": values[1],
         "difference": boot["difference"],
         "ci95": boot["ci95"],
         "p_value": perm["p_value"],
