@@ -173,12 +173,22 @@ def bucketed_attention(
     if not buckets_apply(model):
         yield
         return
-    if getattr(model, "direct_attention", False):
-        token = _BUCKETS.set(_Buckets(_sdpa, True, attention_spans(lengths, prefixes), caches))
+    with _attention_switched(model) as (inner, sdpa):
+        token = _BUCKETS.set(_Buckets(inner, sdpa, attention_spans(lengths, prefixes), caches))
         try:
             yield
         finally:
             _BUCKETS.reset(token)
+
+
+@contextlib.contextmanager
+def _attention_switched(model) -> Iterator[tuple[Callable, bool]]:
+    """Within: the model's attention calls `_bucketed_attention`; yields the attention function
+    it ran before and whether that is transformers' sdpa. A model that calls
+    `direct_attention` itself needs no switch (its own attention is `_sdpa`); a transformers
+    model's config names `_bucketed_attention`, registered in transformers' attention interface."""
+    if getattr(model, "direct_attention", False):
+        yield _sdpa, True
         return
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -187,14 +197,11 @@ def bucketed_attention(
     before = config._attn_implementation
     if BUCKETED_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(BUCKETED_ATTENTION, _bucketed_attention)
-    plan = _Buckets(ALL_ATTENTION_FUNCTIONS[before], before == "sdpa", attention_spans(lengths, prefixes), caches)
-    token = _BUCKETS.set(plan)
     config._attn_implementation = BUCKETED_ATTENTION
     try:
-        yield
+        yield ALL_ATTENTION_FUNCTIONS[before], before == "sdpa"
     finally:
         config._attn_implementation = before
-        _BUCKETS.reset(token)
 
 
 def prefix_key(prefix: Sequence[int], device: torch.device) -> tuple:
